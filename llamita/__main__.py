@@ -1,0 +1,5 @@
+import sys
+
+from llamita.cli import main
+
+sys.exit(main())

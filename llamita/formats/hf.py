@@ -1,0 +1,151 @@
+"""Hugging Face checkpoints: config.json plus safetensors (single or sharded) or pytorch_model*.bin."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from llamita.config import Config, config_from_hf, config_to_hf
+from llamita.errors import LlamitaError
+from llamita.files import atomic_write
+
+SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
+
+
+def hf_name(name: str) -> str:
+    """llamita's parameter name -> the name in an HF LlamaForCausalLM state dict."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def llamita_name(name: str) -> str:
+    return name.removeprefix("model.")
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LlamitaError(f"{path}: not valid JSON ({e})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The files holding the weights, safetensors first, following an index when there is one."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index = path / index_name
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise LlamitaError(f"{index}: missing field 'weight_map'")
+            files = [path / f for f in dict.fromkeys(weight_map.values())]
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise LlamitaError(f"{index}: names shard files that are missing: {', '.join(missing)}")
+            return files
+        if (path / single).is_file():
+            return [path / single]
+    raise LlamitaError(f"{path}: config.json but no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise LlamitaError(f"{file}: not a readable safetensors file ({e})") from None
+
+
+def _load_bin(file: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # zip errors, unpickling refused, truncated data...
+        raise LlamitaError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
+    for file in files:
+        if file.suffix == ".safetensors":
+            f = _open_safetensors(file)
+            for key in f.keys():
+                try:
+                    yield llamita_name(key), f.get_tensor(key), file
+                except (SafetensorError, OSError) as e:
+                    raise LlamitaError(f"{file}: tensor {key} cannot be read ({e})") from None
+        else:
+            for key, t in _load_bin(file).items():
+                yield llamita_name(key), t, file
+
+
+def _stored_types(files: list[Path]) -> tuple[Counter, int, torch.dtype | None]:
+    types: Counter = Counter()
+    nbytes, first = 0, None
+    for file in files:
+        if file.suffix != ".safetensors":
+            return types, sum(f.stat().st_size for f in files), None
+        f = _open_safetensors(file)
+        for key in f.keys():
+            sl = f.get_slice(key)
+            dtype, shape = sl.get_dtype(), sl.get_shape()
+            types[dtype] += 1
+            n = 1
+            for s in shape:
+                n *= s
+            nbytes += n * {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 1)
+            first = first or {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(dtype)
+    return types, nbytes, first
+
+
+def read(path: Path):
+    from llamita.formats import Checkpoint
+
+    cfg_dict = read_json(path / "config.json")
+    config = config_from_hf(cfg_dict, where=str(path / "config.json"))
+    files = weight_files(path)
+    types, nbytes, first = _stored_types(files)
+    declared = cfg_dict.get("torch_dtype") or cfg_dict.get("dtype")
+    dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
+    return Checkpoint(
+        format="hf", path=path, config=config, dtype=dtype or first or torch.float32,
+        tensor_types=dict(types), nbytes=nbytes, tensors=lambda: _tensors(files),
+    )
+
+
+def write(config: Config, tensors: dict[str, Tensor], directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write config.json and safetensors that transformers' LlamaForCausalLM loads.
+
+    Each file goes through a temporary name and ``os.replace``; the index (or the single file)
+    is written last, so a reader never sees a half-written checkpoint as complete.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if config.tie_embeddings and name == "lm_head.weight":
+            continue  # transformers re-ties it from the embedding
+        nb = t.numel() * t.element_size()
+        if shards[-1] and size + nb > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][hf_name(name)] = t.detach().contiguous().cpu()
+        size += nb
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    cfg = {**config_to_hf(config), "torch_dtype": dtype}
+    atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
+    if len(shards) == 1:
+        atomic_write(directory / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        atomic_write(directory / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    atomic_write(directory / "model.safetensors.index.json", lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+

@@ -1,0 +1,181 @@
+"""The Llama 2 architecture, as Meta's reference ``llama/model.py`` defines it.
+
+Module and parameter names follow Hugging Face's ``LlamaForCausalLM`` (without its ``model.``
+prefix), and q/k weights are kept in its rotate-half rotary layout: HF checkpoints and PEFT
+adapters then map one to one, and Meta/GGUF weights are permuted once, at load time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llamita.config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the model's dtype, as the reference does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos and sin, float32 [max_seq_len, head_dim], for the rotate-half layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate [B, H, T, D] by position; in float32 like Meta's complex multiply."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * cos + rotated * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Keys and values per batch row; each row writes at its own positions."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, Hkv, T, D] at input_pos [B, T]; return the first ``length`` slots."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
+        self.k[rows, :, input_pos] = k.transpose(1, 2)
+        self.v[rows, :, input_pos] = v.transpose(1, 2)
+        return self.k[: k.shape[0], :, :length], self.v[: k.shape[0], :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.q_proj = nn.Linear(c.dim, c.n_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
+                length: int) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v, length)
+        if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves a group of q heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.dim, c.norm_eps)
+        self.mlp = FeedForward(c)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
+                length: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, length)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tie_weights()
+        self._rope: tuple[Tensor, Tensor] | None = None
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output layer when the config says so (again after loading)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None) -> None:
+        """Allocate a KV cache; from then on ``forward`` needs ``input_pos``."""
+        c = self.config
+        max_seq_len = max_seq_len or c.max_seq_len
+        w = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.kv_cache = None
+
+    @property
+    def has_cache(self) -> bool:
+        return self.layers[0].self_attn.kv_cache is not None
+
+    def _rope_table(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._rope is None or self._rope[0].device != device:
+            c = self.config
+            self._rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta, device)
+        return self._rope
+
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:
+        """Logits [B, T, vocab] for ``input_ids`` [B, T].
+
+        ``input_pos`` ([T] or [B, T]) gives each token's position; with a KV cache it is also the
+        slot the token is written to, so rows of a batch can stand at different positions.
+        ``logits_at`` ([B] indices into T) keeps only those positions: [B, 1, vocab].
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if input_pos is None:
+            if self.has_cache:
+                raise ValueError("with a KV cache, forward needs input_pos")
+            input_pos = torch.arange(T, device=device)
+        input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        cos, sin = self._rope_table(device)
+        cos, sin = cos[input_pos][:, None], sin[input_pos][:, None]  # [B, 1, T, D]
+        mask, length = None, T
+        if self.has_cache:
+            # A key slot is visible to a query when it holds an earlier (or the same) position.
+            length = int(input_pos.max()) + 1
+            mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, mask, length)
+        if logits_at is not None:
+            x = x[torch.arange(B, device=device), logits_at][:, None]
+        return self.lm_head(self.norm(x))
