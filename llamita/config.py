@@ -79,7 +79,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> Config:
     arch = d.get("model_type")
     if arch not in ("llama", None):
         raise LlamitaError(f"{where}: unsupported architecture model_type={arch!r} (llamita runs 'llama')")
-    scaling = d.get("rope_scaling")
+    scaling = d.get("rope_scaling") or d.get("rope_parameters")
     if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
         raise LlamitaError(f"{where}: unsupported rope_scaling {scaling!r}")
     if d.get("attention_bias") or d.get("mlp_bias"):

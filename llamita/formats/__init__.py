@@ -90,7 +90,7 @@ def build_model(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, device: s
     config, dtype = ckpt.config, dtype or ckpt.dtype
     with torch.device("meta"):
         model = Llama(config)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     seen: set[str] = set()
     for name, tensor, file in ckpt.tensors():
         if name not in expected:
@@ -115,9 +115,9 @@ def build_model(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, device: s
     return model.eval()
 
 
-def save_model(model: Llama, directory: str | Path) -> None:
-    """Write the Hugging Face layout (config.json + safetensors, sharded above 5 GB)."""
-    hf.write(model.config, dict(model.state_dict()), Path(directory))
+def save_model(model: Llama, directory: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Write the Hugging Face layout: config.json + safetensors, sharded with an index above 5 GB."""
+    hf.write(model.config, dict(model.state_dict()), Path(directory), max_shard_bytes)
 
 
 from llamita.formats import gguf, hf, meta  # noqa: E402  (the modules import Checkpoint from here)

@@ -16,9 +16,6 @@ from llamita.config import Config, config_from_hf, config_to_hf
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write
 
-SHARD_BYTES = 5 * 1024**3  # transformers' default max_shard_size
-
-
 def hf_name(name: str) -> str:
     """llamita's parameter name -> the name in an HF LlamaForCausalLM state dict."""
     return name if name.startswith("lm_head.") else f"model.{name}"
@@ -115,7 +112,7 @@ def read(path: Path):
     )
 
 
-def write(config: Config, tensors: dict[str, Tensor], directory: Path, shard_bytes: int = SHARD_BYTES) -> None:
+def write(config: Config, tensors: dict[str, Tensor], directory: Path, shard_bytes: int) -> None:
     """Write config.json and safetensors that transformers' LlamaForCausalLM loads.
 
     Each file goes through a temporary name and ``os.replace``; the index (or the single file)
