@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,10 +17,19 @@ from llamita.errors import LlamitaError
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """Memory-map a GGUF file, turning the reader's failures into one clear error."""
-    path = Path(path)
+    """Memory-map a GGUF file, turning the reader's failures into one clear error.
+
+    Parsing a large vocabulary takes seconds, so the model and the tokenizer share one reader.
+    """
+    path = Path(path).resolve()
     if not path.is_file():
         raise LlamitaError(f"{path}: no such file")
+    stat = path.stat()
+    return _reader(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad files

@@ -1,0 +1,190 @@
+"""Chat prompts: messages -> token ids, in the format the checkpoint was fine-tuned on.
+
+``template="auto"`` renders the checkpoint's own jinja template the way transformers'
+``apply_chat_template`` does. Named templates cover checkpoints without one: ``llama-2`` builds ids
+exactly as Meta's reference ``chat_completion`` does (each turn encoded on its own, wrapped in
+BOS/EOS ids, never through text), ``chatml`` and ``alpaca`` are plain text formats.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+import jinja2.ext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llamita.errors import LlamitaError
+from llamita.tokenizer import Tokenizer
+
+TEMPLATES = ("llama-2", "chatml", "alpaca")
+
+# Meta's llama/generation.py
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = [B_INST, E_INST, "<<SYS>>", "<</SYS>>"]
+
+# Stanford Alpaca's train.py (PROMPT_DICT)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+# End-of-turn tokens of common templates: generation should stop on them as well as on EOS.
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+Message = dict[str, str]
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """Stanford Alpaca's prompt; the response (then EOS) follows it directly when training."""
+    if input:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def encode_chat(
+    tokenizer: Tokenizer,
+    messages: list[Message],
+    template: str = "auto",
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of a conversation, ready for the model to write the assistant's next turn.
+
+    ``add_generation_prompt`` opens the assistant turn (jinja and chatml); the llama-2 and alpaca
+    formats always end where the answer begins, so it does not apply to them.
+    """
+    _check_messages(messages)
+    name = resolve_template(tokenizer, template)
+    if name == "llama-2":
+        return _llama2(tokenizer, messages)
+    if name == "alpaca":
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            raise LlamitaError("alpaca template: it is single-turn; give exactly one user message (the instruction)")
+        return tokenizer.encode(alpaca_prompt(messages[0]["content"]), bos=tokenizer.add_bos, special=False)
+    if name == "chatml":
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        return tokenizer.encode(text, bos=tokenizer.add_bos)
+    # The checkpoint's template writes BOS itself when it wants one, so none is added here.
+    return tokenizer.encode(render_jinja(tokenizer, messages, add_generation_prompt))
+
+
+def stop_token_ids(tokenizer: Tokenizer, template: str = "auto") -> list[int]:
+    """EOS, plus the template's end-of-turn token (e.g. ``<|im_end|>``) when it has one."""
+    ids = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    name = resolve_template(tokenizer, template)
+    if name == "chatml":
+        candidates: tuple[str, ...] = ("<|im_end|>",)
+    elif name == "jinja":
+        candidates = tuple(t for t in _END_OF_TURN if t in (tokenizer.chat_template or ""))
+    else:
+        candidates = ()
+    for token in candidates:
+        token_id = tokenizer.special_tokens.get(token)
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def resolve_template(tokenizer: Tokenizer, template: str = "auto") -> str:
+    """The format ``template`` stands for: "jinja" (the checkpoint's own) or one of TEMPLATES."""
+    if template == "auto":
+        if tokenizer.chat_template:
+            return "jinja"
+        return "llama-2" if _is_llama2_vocab(tokenizer) else "chatml"
+    if template not in TEMPLATES:
+        raise LlamitaError(f"unknown chat template {template!r} (known: auto, {', '.join(TEMPLATES)})")
+    return template
+
+
+def render_jinja(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    """The checkpoint's chat template rendered as transformers' ``apply_chat_template`` renders it."""
+    if not tokenizer.chat_template:
+        raise LlamitaError(f"{tokenizer.source}: the checkpoint has no chat template")
+    token = tokenizer.id_to_token
+    try:
+        return _compile(tokenizer.chat_template).render(
+            messages=[dict(m) for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=token(tokenizer.bos_id) if tokenizer.bos_id is not None else "",
+            eos_token=token(tokenizer.eos_id) if tokenizer.eos_id is not None else "",
+            tools=None,
+            documents=None,
+        )
+    except jinja2.TemplateError as e:  # syntax errors, sandbox refusals and raise_exception(...)
+        raise LlamitaError(f"{tokenizer.source}: chat template: {e}") from None
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str) -> jinja2.Template:
+    # The same environment transformers builds: templates come from checkpoints and are untrusted code.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise LlamitaError(f"chat template does not parse: {e}") from None
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # transformers' override: jinja's own tojson escapes HTML characters, which templates do not expect
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _llama2(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
+    """Meta's ``chat_completion``: the system prompt goes into the first user turn; every finished
+    exchange is ``<s>[INST] user [/INST] answer </s>``; the last user turn is left open."""
+    for i, m in enumerate(messages):
+        for tag in SPECIAL_TAGS:
+            if tag in m["content"]:
+                raise LlamitaError(f"messages[{i}]: {tag!r} is not allowed in the content (llama-2 chat uses it)")
+    if messages[0]["role"] == "system":
+        if len(messages) < 2:
+            raise LlamitaError("llama-2 chat: a system message must be followed by a user message")
+        first = {"role": messages[1]["role"], "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}
+        messages = [first] + messages[2:]
+    roles = [m["role"] for m in messages]
+    if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]) or roles[-1] != "user":
+        raise LlamitaError(
+            "llama-2 chat: roles must be an optional system message, then user and assistant alternating, "
+            f"ending with user; got {roles}"
+        )
+    ids: list[int] = []
+    for prompt, answer in zip(messages[::2], messages[1::2]):
+        text = f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} "
+        ids += tokenizer.encode(text, bos=True, eos=True, special=False)
+    return ids + tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, special=False)
+
+
+def _check_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise LlamitaError("messages: expected a non-empty list of {'role', 'content'} dicts")
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise LlamitaError(f"messages[{i}]: expected a dict with string 'role' and 'content'")
+
+
+def _is_llama2_vocab(tokenizer: Tokenizer) -> bool:
+    """Llama 2's 32,000 SentencePiece pieces: <s> is 1 and 29871 is the lone "▁" its [INST] turns use."""
+    return (
+        tokenizer.vocab_size == 32000
+        and tokenizer.special_tokens.get("<s>") == 1
+        and tokenizer.id_to_token(29871) == "\u2581"
+    )

@@ -1,0 +1,125 @@
+"""Bad input: one LlamitaError whose message names the file and the problem; the CLI exits 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import llamita
+from llamita import LlamitaError
+from conftest import write_tiny_gguf
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def load_error(source) -> str:
+    with pytest.raises(LlamitaError) as e:
+        llamita.load_model(source)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_missing_file(tmp_path):
+    msg = load_error(tmp_path / "nope.gguf")
+    assert "nope.gguf" in msg and "no such file" in msg
+
+
+def test_directory_of_no_known_format(tmp_path):
+    (tmp_path / "notes.txt").write_text("hi")
+    msg = load_error(tmp_path)
+    assert str(tmp_path) in msg and "config.json" in msg and "params.json" in msg
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"not gguf at all")
+    msg = load_error(tmp_path / "x.gguf")
+    assert "x.gguf" in msg and "GGUF" in msg
+
+
+def test_truncated_safetensors(hf_dir):
+    truncate(hf_dir / "model.safetensors")
+    msg = load_error(hf_dir)
+    assert "model.safetensors" in msg and "safetensors" in msg
+
+
+def test_corrupt_safetensors_header(hf_dir):
+    (hf_dir / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage!!!!!!!}")
+    assert "model.safetensors" in load_error(hf_dir)
+
+
+def test_truncated_gguf(tmp_path):
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    truncate(path)
+    msg = load_error(path)
+    assert "t.gguf" in msg and "GGUF" in msg
+
+
+def test_truncated_pth(tmp_path):
+    from test_formats_meta import write_meta_checkpoint
+
+    write_meta_checkpoint(tmp_path, {"dim": 32, "n_layers": 1, "n_heads": 4, "multiple_of": 16, "vocab_size": -1},
+                          vocab=40, n_shards=2)
+    truncate(tmp_path / "consolidated.01.pth")
+    msg = load_error(tmp_path)
+    assert "consolidated.01.pth" in msg
+
+
+def test_shapes_disagree_with_config(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["intermediate_size"] = 40
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    msg = load_error(hf_dir)
+    assert "model.safetensors" in msg and "mlp." in msg and "has shape" in msg and "40" in msg and "48" in msg
+
+
+def test_missing_field(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    del cfg["num_hidden_layers"]
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    msg = load_error(hf_dir)
+    assert "config.json" in msg and "num_hidden_layers" in msg
+
+
+def test_unsupported_architecture_hf(hf_dir):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    msg = load_error(hf_dir)
+    assert "config.json" in msg and "gpt2" in msg
+
+
+def test_unsupported_architecture_gguf(tmp_path):
+    msg = load_error(write_tiny_gguf(tmp_path / "g.gguf", arch="gpt2"))
+    assert "g.gguf" in msg and "gpt2" in msg
+
+
+def test_unsupported_quantization_type(tmp_path):
+    msg = load_error(write_tiny_gguf(tmp_path / "q.gguf", types={"blk.0.ffn_up.weight": "Q8_K"}))
+    assert "q.gguf" in msg and "Q8_K" in msg and "ffn_up" in msg
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"junk")
+    out = subprocess.run([sys.executable, "-m", "llamita", "info", str(tmp_path / "x.gguf")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "x.gguf" in out.stderr
