@@ -52,13 +52,18 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, Hkv, T, D] at input_pos [B, T]; return the first ``length`` slots."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int,
+               rows: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, Hkv, T, D] at input_pos [B, T] in cache ``rows`` (default: the first B);
+        return those rows' first ``length`` slots."""
+        B = k.shape[0]
+        index = rows[:, None] if rows is not None else torch.arange(B, device=k.device)[:, None]
         # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
-        self.k[rows, :, input_pos] = k.transpose(1, 2)
-        self.v[rows, :, input_pos] = v.transpose(1, 2)
-        return self.k[: k.shape[0], :, :length], self.v[: k.shape[0], :, :length]
+        self.k[index, :, input_pos] = k.transpose(1, 2)
+        self.v[index, :, input_pos] = v.transpose(1, 2)
+        if rows is None:  # a slice, not a copy: the decode path of a full batch
+            return self.k[:B, :, :length], self.v[:B, :, :length]
+        return self.k[rows, :, :length], self.v[rows, :, :length]
 
 
 class Attention(nn.Module):
@@ -72,14 +77,14 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
-                length: int) -> Tensor:
+                length: int, cache_rows: Tensor | None) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v, length)
+            k, v = self.kv_cache.update(input_pos, k, v, length, cache_rows)
         if self.n_kv_heads != self.n_heads:  # grouped-query: each kv head serves a group of q heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -109,8 +114,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(c)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
-                length: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, length)
+                length: int, cache_rows: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, length, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,12 +157,15 @@ class Llama(nn.Module):
             self._rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta, device)
         return self._rope
 
-    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None) -> Tensor:
+    def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None,
+                cache_rows: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab] for ``input_ids`` [B, T].
 
         ``input_pos`` ([T] or [B, T]) gives each token's position; with a KV cache it is also the
         slot the token is written to, so rows of a batch can stand at different positions.
         ``logits_at`` ([B] indices into T) keeps only those positions: [B, 1, vocab].
+        ``cache_rows`` ([B]) names the KV-cache rows the batch's rows use (default: the first B),
+        so one request can be prefilled into its own row while others are decoding.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -175,7 +183,7 @@ class Llama(nn.Module):
             mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, mask, length)
+            x = layer(x, cos, sin, input_pos, mask, length, cache_rows)
         if logits_at is not None:
             x = x[torch.arange(B, device=device), logits_at][:, None]
         return self.lm_head(self.norm(x))

@@ -3,6 +3,7 @@ transformers' tokenizer built from the same GGUF."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -11,6 +12,8 @@ import gguf
 import pytest
 import sentencepiece as spm
 import transformers
+
+from tokenizers import pre_tokenizers
 
 from llamita import assets
 from llamita.errors import LlamitaError
@@ -163,6 +166,25 @@ def test_smollm2_round_trips_and_specials(smol: Tokenizer, hf_smol) -> None:
     assert smol.add_bos is False  # tokenizer.ggml.add_bos_token is false in this file
     assert smol.vocab_size == len(hf_smol) == 49152
     assert "<|im_start|>" in smol.chat_template
+
+
+def test_smollm_pre_splits_digits_like_llama_cpp(smol: Tokenizer, hf_smol) -> None:
+    # llama.cpp's "smollm" pre-tokenizer splits every digit off first ("\\p{N}", then GPT-2's regex), as
+    # SmolLM2's own tokenizer.json does (Digits(individual_digits=True), then ByteLevel). transformers'
+    # GGUF loader has no entry for "smollm" and splits like GPT-2, so it differs on whitespace runs
+    # before a digit: "x  7" is x|ĠĠ|7 for the model, x|Ġ|Ġ|7 for transformers-from-GGUF.
+    pieces = {"x  7": ["x", "ĠĠ", "7"], "assistant\n 6.": ["ass", "istant", "ĊĠ", "6", "."],
+              "a\t\t42": ["a", "ĉĉ", "4", "2"]}
+    for text, expected in pieces.items():
+        assert [smol.id_to_token(i) for i in smol.encode(text)] == expected
+        assert smol.encode(text) != hf_smol.encode(text, add_special_tokens=False)
+    # transformers' tokenizer given SmolLM2's tokenizer.json pre-tokenizer agrees everywhere.
+    reference = copy.deepcopy(hf_smol)
+    reference.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    text = MIXED_TEXT + "".join(pieces) + "Numbers:  1  2   3\n\t\t42\n 6"
+    assert smol.encode(text) == reference.encode(text, add_special_tokens=False)
 
 
 def test_llama3_pre_tokenizer_matches_transformers(smol: Tokenizer, tmp_path: Path) -> None:

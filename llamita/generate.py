@@ -1,0 +1,213 @@
+"""Prefill and decode with the KV cache, for one request or many at once; the LLM class.
+
+A ``Request`` holds everything one generation needs (prompt, sampling, stop rules, the text
+emitted so far). ``prefill`` and ``decode_step`` run the model for a set of requests, each in its
+own KV-cache row at its own position; ``generate`` drives them to the end. The server's engine
+drives the same three pieces for requests that come and go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from llamita.chat import Message, encode_chat, stop_token_ids
+from llamita.errors import LlamitaError
+from llamita.formats import load_model
+from llamita.model import Llama
+from llamita.sampling import SamplingParams, sample
+from llamita.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, also when one is split across tokens.
+
+    Text that could still be the start of a stop string is held back until it cannot be.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+@dataclass
+class Request:
+    """One generation: its prompt, how it samples, and what it has produced so far."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    tokenizer: Tokenizer
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS, end of turn or stop string) or "length"
+
+    def __post_init__(self) -> None:
+        self.generator = self.params.generator()
+        self.decoder = StreamDecoder(self.tokenizer)
+        self.matcher = StopMatcher(self.params.stop)
+        self.seen: Tensor | None = None
+        if self.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(self.tokenizer.vocab_size, dtype=torch.bool)
+            self.seen[torch.tensor(self.prompt_ids, dtype=torch.long)] = True
+
+    @property
+    def position(self) -> int:
+        """Where the next token fed to the model stands."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    def next_token(self, logits: Tensor) -> int:
+        seen = self.seen[: logits.shape[-1]] if self.seen is not None else None
+        return sample(logits.cpu(), self.params, self.generator, seen)
+
+    def accept(self, token: int, max_seq_len: int) -> str:
+        """Take a sampled token; return the new text (possibly empty) and set finish_reason when done."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.decoder.flush() + self.matcher.flush()
+        self.output_ids.append(token)
+        if self.seen is not None and token < self.seen.shape[0]:
+            self.seen[token] = True
+        text, stopped = self.matcher.push(self.decoder.push(token))
+        if stopped:
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_new_tokens or self.position + 1 >= max_seq_len:
+            self.finish_reason = "length"
+            tail, stopped = self.matcher.push(self.decoder.flush())
+            text += tail if stopped else tail + self.matcher.flush()
+            if stopped:
+                self.finish_reason = "stop"
+        return text
+
+
+def prefill(model: Llama, requests: list[Request], rows: Tensor | None = None) -> Tensor:
+    """Run the prompts (right-padded together) into the cache; logits [n, vocab] at each one's end."""
+    device = model.embed_tokens.weight.device
+    lengths = [len(r.prompt_ids) for r in requests]
+    ids = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+    for i, r in enumerate(requests):
+        ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+    last = torch.tensor(lengths, device=device) - 1
+    logits = model(ids.to(device), torch.arange(ids.shape[1], device=device), logits_at=last, cache_rows=rows)
+    return logits[:, 0]
+
+
+def decode_step(model: Llama, tokens: list[int], positions: list[int], rows: Tensor | None = None) -> Tensor:
+    """Feed one token per row at its own position; logits [n, vocab]."""
+    device = model.embed_tokens.weight.device
+    ids = torch.tensor(tokens, device=device)[:, None]
+    pos = torch.tensor(positions, device=device)[:, None]
+    return model(ids, pos, cache_rows=rows)[:, 0]
+
+
+def generate(model: Llama, requests: list[Request]) -> Iterator[tuple[int, str]]:
+    """Run requests together to the end, yielding (request index, new text) as text appears.
+
+    Finished rows stay in the batch (fed their last token) so that the cache is sliced, never
+    gathered; their outputs are ignored.
+    """
+    max_seq_len = model.config.max_seq_len
+    longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
+    model.setup_cache(len(requests), min(longest, max_seq_len))
+    try:
+        with torch.inference_mode():
+            logits = prefill(model, requests)
+            while True:
+                for i, r in enumerate(requests):
+                    if r.finish_reason is None:
+                        text = r.accept(r.next_token(logits[i]), max_seq_len)
+                        if text:
+                            yield i, text
+                if all(r.finish_reason for r in requests):
+                    return
+                tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
+                logits = decode_step(model, tokens, [r.position for r in requests])
+    finally:
+        model.clear_cache()
+
+
+class LLM:
+    """A model with its tokenizer and chat format: the Python face of ``llamita generate/chat``."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.stop_ids = frozenset(stop_token_ids(tokenizer, template))
+
+    @classmethod
+    def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu", template: str = "auto") -> "LLM":
+        return cls(load_model(source, dtype=dtype, device=device), load_tokenizer(source), template)
+
+    # -- requests ------------------------------------------------------------------------------
+    def request(self, prompt_ids: list[int], *, truncate: bool = False, **options) -> Request:
+        """A Request for ``prompt_ids``; options are SamplingParams fields."""
+        params = SamplingParams(**options)
+        limit = self.model.config.max_seq_len - 1  # room for at least one new token
+        if len(prompt_ids) > limit:
+            if not truncate:
+                raise LlamitaError(
+                    f"prompt has {len(prompt_ids)} tokens; the context window is {self.model.config.max_seq_len} "
+                    "(pass truncate=True / --truncate to keep its end)")
+            prompt_ids = prompt_ids[-limit:]
+        if not prompt_ids:
+            raise LlamitaError("empty prompt: give some text (or a model that adds BOS)")
+        return Request(prompt_ids, params, self.stop_ids, self.tokenizer)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        return encode_chat(self.tokenizer, messages, self.template)
+
+    # -- text in, text out -----------------------------------------------------------------------
+    def stream(self, prompt: str, **options) -> Iterator[str]:
+        """The continuation of ``prompt``, chunk by chunk as it is generated."""
+        yield from (text for _, text in generate(self.model, [self.request(self.encode(prompt), **options)]))
+
+    def generate(self, prompt: str, **options) -> str:
+        return "".join(self.stream(prompt, **options))
+
+    def stream_chat(self, messages: list[Message], **options) -> Iterator[str]:
+        """The assistant's reply to ``messages`` ({"role", "content"} dicts), chunk by chunk."""
+        yield from (text for _, text in generate(self.model, [self.request(self.encode_chat(messages), **options)]))
+
+    def chat(self, messages: list[Message], **options) -> str:
+        return "".join(self.stream_chat(messages, **options))
+
+    def generate_batch(self, prompts: list[str], **options) -> list[str]:
+        """Continuations of several prompts of any lengths, decoded together in one batch."""
+        return self._run_batch([self.request(self.encode(p), **options) for p in prompts])
+
+    def chat_batch(self, conversations: list[list[Message]], **options) -> list[str]:
+        return self._run_batch([self.request(self.encode_chat(m), **options) for m in conversations])
+
+    def _run_batch(self, requests: list[Request]) -> list[str]:
+        if not requests:
+            return []
+        texts = [""] * len(requests)
+        for i, text in generate(self.model, requests):
+            texts[i] += text
+        return texts

@@ -1,0 +1,77 @@
+"""Choosing the next token: temperature, top-k, top-p and repetition penalty, per request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from llamita.errors import LlamitaError
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples. Defaults are Meta's chat defaults (temperature 0.6, top-p 0.9)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.6  # 0 = greedy
+    top_p: float = 0.9
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LlamitaError(message)
+
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator of this request's own: the same seed gives the same tokens, batched or not."""
+        g = torch.Generator(device=device)
+        if self.seed is not None:
+            g.manual_seed(self.seed)
+        else:
+            g.seed()
+        return g
+
+
+def penalize_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty, as transformers applies it: shrink the logits of tokens already present."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, seen: Tensor | None = None) -> int:
+    """One token id from one row of logits [vocab]."""
+    logits = logits.float()
+    if seen is not None:
+        logits = penalize_repetition(logits, seen, params.repetition_penalty)
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k is not None and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

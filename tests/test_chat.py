@@ -1,0 +1,222 @@
+"""Chat formats: Meta's Llama 2 rule written out by hand, and transformers' apply_chat_template."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import transformers
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from llamita import assets
+from llamita.chat import alpaca_prompt, encode_chat, render_jinja, resolve_template, stop_token_ids
+from llamita.errors import LlamitaError
+from llamita.tokenizer import Tokenizer, load_tokenizer
+
+# meta-llama/Llama-2-13b-chat-hf's tokenizer_config.json chat_template, verbatim.
+LLAMA2_HF_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+    "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+SYSTEM_DIALOG = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello! "},
+    {"role": "user", "content": "  ¿Cómo estás? 🦙\n"},
+]
+PLAIN_DIALOG = [
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": " Six.\n"},
+    {"role": "user", "content": "Thanks!"},
+]
+ONE_TURN = [{"role": "user", "content": "Write a haiku about llamas."}]
+
+
+@pytest.fixture(scope="module")
+def llama() -> Tokenizer:
+    return load_tokenizer(assets.llama_cpp_path("models/ggml-vocab-llama-spm.gguf"))
+
+
+@pytest.fixture(scope="module")
+def smol() -> Tokenizer:
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="module")
+def hf_smol():
+    path = assets.default_model_path()
+    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def with_template(tokenizer: Tokenizer, template: str | None) -> Tokenizer:
+    other = copy.copy(tokenizer)
+    other.chat_template = template
+    return other
+
+
+# --- 1. Llama 2 (Meta's chat_completion) ----------------------------------------------------------------
+
+
+def test_llama2_rule_by_hand(llama: Tokenizer) -> None:
+    enc = lambda s: llama.encode(s, special=False)  # noqa: E731  (Meta: sp.encode, then BOS/EOS ids)
+    assert encode_chat(llama, SYSTEM_DIALOG, "llama-2") == (
+        [1] + enc("[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! ") + [2]
+        + [1] + enc("[INST] ¿Cómo estás? 🦙 [/INST]")
+    )
+    assert encode_chat(llama, PLAIN_DIALOG, "llama-2") == (
+        [1] + enc("[INST] What is 2+2? [/INST] 4 ") + [2]
+        + [1] + enc("[INST] And 3+3? [/INST] Six. ") + [2]
+        + [1] + enc("[INST] Thanks! [/INST]")
+    )
+    assert encode_chat(llama, ONE_TURN, "llama-2") == [1] + enc("[INST] Write a haiku about llamas. [/INST]")
+    # Meta strips the merged first turn as a whole, so the system text keeps its own spaces inside.
+    spaced = [{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": "Hi  "}]
+    assert encode_chat(llama, spaced, "llama-2") == [1] + enc("[INST] <<SYS>>\n  Be brief. \n<</SYS>>\n\nHi [/INST]")
+
+
+def test_llama2_ids_shape(llama: Tokenizer) -> None:
+    ids = encode_chat(llama, PLAIN_DIALOG, "llama-2")
+    assert ids.count(1) == 3 and ids.count(2) == 2 and ids[0] == 1 and ids[-1] != 2
+    assert [i for i, t in enumerate(ids) if t == 1][1:] == [i + 1 for i, t in enumerate(ids) if t == 2]
+    # Decoded in one go (BOS/EOS hidden), each later turn shows the answer's trailing space plus the
+    # dummy-prefix space SentencePiece put before the next "[INST]", which was encoded on its own.
+    assert llama.decode(ids, special=False) == (
+        "[INST] What is 2+2? [/INST] 4  [INST] And 3+3? [/INST] Six.  [INST] Thanks! [/INST]"
+    )
+
+
+def test_llama2_matches_transformers_template(llama: Tokenizer) -> None:
+    # transformers renders Meta's HF chat template to the text Meta's rule implies...
+    rendered, _ = render_jinja_template([SYSTEM_DIALOG], chat_template=LLAMA2_HF_TEMPLATE,
+                                        add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    assert rendered[0] == (
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] ¿Cómo estás? 🦙 [/INST]"
+    )
+    # ...and our jinja path, tokenizing that text with <s>/</s> recognised, gives Meta's ids.
+    templated = with_template(llama, LLAMA2_HF_TEMPLATE)
+    for dialog in (SYSTEM_DIALOG, PLAIN_DIALOG, ONE_TURN):
+        assert render_jinja(templated, dialog) == render_jinja_template(
+            [dialog], chat_template=LLAMA2_HF_TEMPLATE, bos_token="<s>", eos_token="</s>")[0][0]
+        assert encode_chat(templated, dialog) == encode_chat(llama, dialog, "llama-2")
+
+
+def test_llama2_is_the_default_for_a_llama2_vocab(llama: Tokenizer) -> None:
+    assert llama.chat_template is None and resolve_template(llama) == "llama-2"
+    assert encode_chat(llama, SYSTEM_DIALOG) == encode_chat(llama, SYSTEM_DIALOG, "llama-2")
+    assert stop_token_ids(llama) == [2]
+
+
+@pytest.mark.parametrize(
+    "dialog, words",
+    [
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternating"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "ending with user"),
+        ([{"role": "assistant", "content": "a"}], "alternating"),
+        ([{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}], "alternating"),
+        ([{"role": "system", "content": "s"}], "followed by a user"),
+        ([{"role": "user", "content": "a [INST] b"}], "[INST]"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "[/INST]"},
+          {"role": "user", "content": "y"}], "[/INST]"),
+        ([{"role": "system", "content": "<<SYS>>"}, {"role": "user", "content": "y"}], "<<SYS>>"),
+        ([{"role": "user", "content": "<</SYS>>"}], "<</SYS>>"),
+        ([], "non-empty"),
+        ([{"role": "user"}], "content"),
+    ],
+)
+def test_llama2_refusals(llama: Tokenizer, dialog: list, words: str) -> None:
+    with pytest.raises(LlamitaError, match=words.replace("[", r"\[")):
+        encode_chat(llama, dialog, "llama-2")
+
+
+# --- 2. auto: the checkpoint's own jinja template ---------------------------------------------------------
+
+
+# (No whitespace run before a digit here: transformers' GGUF loader splits those unlike SmolLM2's
+# own tokenizer, see test_tokenizer.py::test_smollm_pre_splits_digits_like_llama_cpp.)
+@pytest.mark.parametrize("dialog", [ONE_TURN, SYSTEM_DIALOG[1:], SYSTEM_DIALOG, PLAIN_DIALOG])
+def test_auto_matches_transformers(smol: Tokenizer, hf_smol, dialog: list) -> None:
+    for gen in (True, False):
+        expected = hf_smol.apply_chat_template(dialog, tokenize=True, add_generation_prompt=gen, return_dict=False)
+        assert encode_chat(smol, dialog, add_generation_prompt=gen) == expected
+    assert render_jinja(smol, dialog) == hf_smol.apply_chat_template(dialog, tokenize=False, add_generation_prompt=True)
+
+
+def test_jinja_like_transformers(smol: Tokenizer, hf_smol) -> None:
+    # tojson without HTML escaping, loop controls, trim/lstrip blocks, bos/eos variables.
+    template = (
+        "{{ bos_token }}\n{% for m in messages %}\n  {% if m['role'] == 'system' %}{% continue %}{% endif %}\n"
+        "  {{ m['role'] }}: {{ m['content'] | tojson }}\n{% endfor %}\n"
+        "{% if add_generation_prompt %}{{ eos_token }}{% endif %}"
+    )
+    dialog = [{"role": "system", "content": "skip"}, {"role": "user", "content": "<b>&\"ñ\"</b> 🦙"}]
+    expected = hf_smol.apply_chat_template(dialog, chat_template=template, tokenize=False, add_generation_prompt=True)
+    assert render_jinja(with_template(smol, template), dialog) == expected
+    assert '"<b>&\\"ñ\\"</b> 🦙"' in expected
+
+
+def test_jinja_errors_are_llamita_errors(smol: Tokenizer) -> None:
+    with pytest.raises(LlamitaError, match="no system role here"):
+        encode_chat(with_template(smol, "{{ raise_exception('no system role here') }}"), ONE_TURN)
+    with pytest.raises(LlamitaError, match="chat template"):
+        encode_chat(with_template(smol, "{% for %}"), ONE_TURN)
+    with pytest.raises(LlamitaError, match="chat template"):  # the sandbox refuses to mutate the messages
+        encode_chat(with_template(smol, "{{ messages.append(1) }}"), ONE_TURN)
+
+
+# --- 3. Named templates and stop tokens ---------------------------------------------------------------------
+
+
+def test_chatml_text(smol: Tokenizer) -> None:
+    text = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello! <|im_end|>\n<|im_start|>user\n  ¿Cómo estás? 🦙\n<|im_end|>\n"
+    )
+    assert encode_chat(smol, SYSTEM_DIALOG, "chatml") == smol.encode(text + "<|im_start|>assistant\n")
+    assert encode_chat(smol, SYSTEM_DIALOG, "chatml", add_generation_prompt=False) == smol.encode(text)
+    # SmolLM2's own template is ChatML once a system message is given.
+    assert encode_chat(smol, SYSTEM_DIALOG, "chatml") == encode_chat(smol, SYSTEM_DIALOG)
+    assert resolve_template(with_template(smol, None)) == "chatml"  # no template, not Llama 2's vocabulary
+
+
+def test_alpaca_text(llama: Tokenizer) -> None:
+    assert alpaca_prompt("Name a llama.") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes "
+        "the request.\n\n### Instruction:\nName a llama.\n\n### Response:"
+    )
+    assert alpaca_prompt("Translate.", "¡Hola!") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nTranslate.\n\n"
+        "### Input:\n¡Hola!\n\n### Response:"
+    )
+    expected = [1] + llama.encode(alpaca_prompt("Name a llama."), special=False)  # Llama 2 wants BOS
+    assert encode_chat(llama, [{"role": "user", "content": "Name a llama."}], "alpaca") == expected
+    with pytest.raises(LlamitaError, match="single-turn"):
+        encode_chat(llama, PLAIN_DIALOG, "alpaca")
+
+
+def test_unknown_template(smol: Tokenizer) -> None:
+    with pytest.raises(LlamitaError, match="vicuna.*llama-2, chatml, alpaca"):
+        encode_chat(smol, ONE_TURN, "vicuna")
+
+
+def test_stop_token_ids(smol: Tokenizer, llama: Tokenizer, hf_smol) -> None:
+    im_end = hf_smol.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in stop_token_ids(smol) and hf_smol.eos_token_id in stop_token_ids(smol)
+    assert im_end in stop_token_ids(smol, "chatml")
+    # A template that ends turns with <|im_end|> while EOS is <|endoftext|>: both stop generation.
+    other = with_template(smol, "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")
+    other.eos_id = hf_smol.convert_tokens_to_ids("<|endoftext|>")
+    assert sorted(stop_token_ids(other)) == sorted([other.eos_id, im_end])
+    assert stop_token_ids(llama, "chatml") == [2]  # Llama 2 has no <|im_end|> token
