@@ -1,9 +1,14 @@
 """llamita: run, chat with, fine-tune and serve Llama 2 models in plain PyTorch."""
 
+from llamita.chat import encode_chat
 from llamita.config import Config
 from llamita.errors import LlamitaError
 from llamita.formats import load_model, save_model
+from llamita.generate import LLM
 from llamita.model import Llama
+from llamita.sampling import SamplingParams
+from llamita.tokenizer import load_tokenizer
 
-__all__ = ["Config", "Llama", "LlamitaError", "load_model", "save_model"]
+__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "encode_chat", "load_model",
+           "load_tokenizer", "save_model"]
 __version__ = "0.1.0"

@@ -158,10 +158,11 @@ def _llama2(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
     if messages[0]["role"] == "system":
         if len(messages) < 2:
             raise LlamitaError("llama-2 chat: a system message must be followed by a user message")
-        first = {"role": messages[1]["role"], "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}
-        messages = [first] + messages[2:]
+        merged = B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]
+        messages = [{"role": messages[1]["role"], "content": merged}] + messages[2:]
     roles = [m["role"] for m in messages]
-    if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]) or roles[-1] != "user":
+    alternating = all(r == "user" for r in roles[::2]) and all(r == "assistant" for r in roles[1::2])
+    if not alternating or roles[-1] != "user":
         raise LlamitaError(
             "llama-2 chat: roles must be an optional system message, then user and assistant alternating, "
             f"ending with user; got {roles}"

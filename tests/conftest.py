@@ -72,3 +72,11 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+@pytest.fixture(scope="session")
+def default_llm(default_model, default_gguf):
+    from llamita.generate import LLM
+    from llamita.tokenizer import load_tokenizer
+
+    return LLM(default_model, load_tokenizer(default_gguf))

@@ -1,0 +1,161 @@
+"""Generation: greedy parity with transformers, batching, streaming, stop strings, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llamita import LlamitaError
+from llamita.generate import LLM, Request, StopMatcher, generate
+from llamita.sampling import SamplingParams
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are a terse assistant."}, {"role": "user", "content": "Name three fruits."}],
+    [{"role": "user", "content": "Escribe una frase sobre el mar."}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello! How can I help?"},
+     {"role": "user", "content": "Tell me a fun fact about octopuses."}],
+]
+
+
+def greedy_ids(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
+    requests = [llm.request(p, temperature=0, max_new_tokens=n) for p in prompts]
+    for _ in generate(llm.model, requests):
+        pass
+    return [r.output_ids + ([] if r.finish_reason == "length" else ["<stop>"]) for r in requests]
+
+
+def test_greedy_matches_transformers(default_llm, hf_default_model):
+    for messages in CHATS:
+        prompt = default_llm.encode_chat(messages)
+        ours = greedy_ids(default_llm, [prompt], 48)[0]
+        with torch.no_grad():
+            out = hf_default_model.generate(torch.tensor([prompt]), max_new_tokens=48, do_sample=False,
+                                            eos_token_id=sorted(default_llm.stop_ids), pad_token_id=2)
+        theirs = out[0, len(prompt):].tolist()
+        if theirs[-1] in default_llm.stop_ids:  # transformers keeps the stop token; we report it as "<stop>"
+            theirs[-1] = "<stop>"
+        assert ours == theirs, messages
+
+
+def test_batch_equals_single(default_llm):
+    prompts = [default_llm.encode_chat(m) for m in CHATS[:3]] + [default_llm.encode("Once upon a time")]
+    assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ
+    batched = greedy_ids(default_llm, prompts, 24)
+    alone = [greedy_ids(default_llm, [p], 24)[0] for p in prompts]
+    assert batched == alone
+    texts = default_llm.generate_batch(["Once upon a time", "The capital of Italy is"], temperature=0,
+                                       max_new_tokens=12)
+    assert texts == [default_llm.generate(p, temperature=0, max_new_tokens=12)
+                     for p in ["Once upon a time", "The capital of Italy is"]]
+
+
+def test_same_seed_same_text(default_llm):
+    kw = dict(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=20)
+    a = default_llm.chat(CHATS[2], seed=7, **kw)
+    assert a == default_llm.chat(CHATS[2], seed=7, **kw)
+    assert a != default_llm.chat(CHATS[2], seed=8, **kw) or a != default_llm.chat(CHATS[2], seed=9, **kw)
+
+
+def fed(llm: LLM, text: str, stop: list[str]) -> tuple[list[str], Request]:
+    """Push the ids of ``text`` through a Request as if the model had generated them."""
+    r = llm.request([1], max_new_tokens=1000, stop=stop)
+    chunks = []
+    for token in llm.tokenizer.encode(text):
+        chunks.append(r.accept(token, max_seq_len=10_000))
+        if r.finish_reason:
+            break
+    return chunks, r
+
+
+@pytest.mark.parametrize("text", ["¿Qué tal? Él comió piña en Málaga — ¡olé! 🦙🎉👩‍👩‍👧 fin", "naïve café ñandú 😀😀 x"])
+def test_stream_chunks_join_to_the_text(default_llm, text):
+    chunks, r = fed(default_llm, text, stop=[])
+    chunks.append(r.decoder.flush() + r.matcher.flush())
+    assert "".join(chunks) == text == default_llm.tokenizer.decode(r.output_ids)
+    assert not any("\ufffd" in c for c in chunks)
+
+
+def test_stream_of_a_real_generation_joins_to_decode(default_llm):
+    request = default_llm.request(default_llm.encode_chat(CHATS[2]), temperature=0, max_new_tokens=40)
+    chunks = [text for _, text in generate(default_llm.model, [request])]
+    assert len(chunks) > 5
+    assert "".join(chunks) == default_llm.tokenizer.decode(request.output_ids)
+
+
+def test_stop_string_split_across_tokens(default_llm):
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = default_llm.tokenizer.encode(text)
+    pieces = [default_llm.tokenizer.decode([i]) for i in ids]
+    assert "own fo" not in pieces  # the stop string spans several tokens
+    chunks, r = fed(default_llm, text, stop=["own fo"])
+    assert r.finish_reason == "stop"
+    assert "".join(chunks) == "The quick br"
+
+
+def test_stop_string_in_model_output(default_llm):
+    full = default_llm.generate("The capital of France is", temperature=0, max_new_tokens=30)
+    stop = full[10:16]
+    cut = default_llm.generate("The capital of France is", temperature=0, max_new_tokens=30, stop=[stop])
+    assert cut == full[: full.index(stop)]
+    streamed = "".join(default_llm.stream("The capital of France is", temperature=0, max_new_tokens=30, stop=[stop]))
+    assert streamed == cut
+
+
+def test_stop_matcher_holds_back_only_possible_starts():
+    m = StopMatcher(["END"])
+    assert m.push("abc E") == ("abc ", False)
+    assert m.push("N") == ("", False)
+    assert m.push("x") == ("ENx", False)
+    assert m.push("yy END zz") == ("yy ", True)
+
+
+def test_eos_stops_with_reason_stop_and_length_otherwise(default_llm):
+    prompt = default_llm.encode_chat(CHATS[0])
+    short = default_llm.request(prompt, temperature=0, max_new_tokens=3)
+    long = default_llm.request(prompt, temperature=0, max_new_tokens=100)
+    list(generate(default_llm.model, [short, long]))
+    assert short.finish_reason == "length" and len(short.output_ids) == 3
+    assert long.finish_reason == "stop" and len(long.output_ids) < 100
+
+
+def test_prompt_longer_than_context(default_llm):
+    too_long = [5] * (default_llm.model.config.max_seq_len + 10)
+    with pytest.raises(LlamitaError, match="context window"):
+        default_llm.request(too_long)
+    r = default_llm.request(too_long, truncate=True, max_new_tokens=1)
+    assert len(r.prompt_ids) == default_llm.model.config.max_seq_len - 1
+
+
+def test_bad_sampling_options():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=0), dict(max_new_tokens=0), dict(stop=[""])):
+        with pytest.raises(LlamitaError):
+            SamplingParams(**bad)
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llamita", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_generate(default_llm):
+    out = run_cli("generate", "The capital of France is", "--temperature", "0", "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == default_llm.generate("The capital of France is", temperature=0, max_new_tokens=12) + "\n"
+
+
+def test_cli_chat_piped(default_llm):
+    out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "16", "--system", "You are brief.",
+                  stdin="What is the capital of France?\nAnd of Spain?\n")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    system = {"role": "system", "content": "You are brief."}
+    first = default_llm.chat([system, {"role": "user", "content": "What is the capital of France?"}],
+                             temperature=0, max_new_tokens=16)
+    second = default_llm.chat([system, {"role": "user", "content": "What is the capital of France?"},
+                               {"role": "assistant", "content": first}, {"role": "user", "content": "And of Spain?"}],
+                              temperature=0, max_new_tokens=16)
+    assert "\n".join(lines) == f"{first}\n{second}"
