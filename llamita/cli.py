@@ -20,6 +20,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: the checkpoint's; float32 for quantized GGUF)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    p.add_argument("--quantize", choices=["int4"], default=None,
+                   help="int4: 4-bit weight-only layers with bfloat16 activations (fastest on CPU)")
     p.add_argument("--template", default="auto", help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca")
 
 
@@ -46,7 +48,7 @@ def load_llm(args: argparse.Namespace):
     from llamita.generate import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return LLM.load(args.model, dtype=dtype, device=args.device, template=args.template)
+    return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -158,8 +158,19 @@ class LLM:
 
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu", template: str = "auto") -> "LLM":
-        return cls(load_model(source, dtype=dtype, device=device), load_tokenizer(source), template)
+             device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto") -> "LLM":
+        """``quantize="int4"``: 4-bit weight-only linear layers with bfloat16 activations, the
+        fast path for decoding on CPU (weights are read from memory once per token)."""
+        if quantize not in (None, "int4"):
+            raise LlamitaError(f"unknown quantization {quantize!r} (known: int4)")
+        if quantize:
+            dtype = torch.bfloat16
+        model = load_model(source, dtype=dtype, device=device)
+        if quantize:
+            from llamita.quantize import quantize_int4
+
+            quantize_int4(model)
+        return cls(model, load_tokenizer(source), template)
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, prompt_ids: list[int], *, truncate: bool = False, **options) -> Request:
