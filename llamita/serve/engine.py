@@ -1,0 +1,287 @@
+"""Continuous batching: many requests share one model and one pool of KV-cache rows.
+
+One background thread owns the model. Each turn of its loop admits waiting requests into free
+cache rows (one prefill for all of them), then runs a single ``decode_step`` for every running
+request at once, each at its own position. A request that arrives mid-generation joins the batch
+at the next turn; one that finishes or is cancelled frees its row at the next turn. The pieces it
+drives are ``generate``'s own (``prefill``, ``decode_step``, ``Request``): the engine only schedules.
+
+Results travel to the asyncio side through each stream's queue (``call_soon_threadsafe``), so the
+HTTP handlers never block on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from llamita.generate import Request, decode_step, prefill
+from llamita.model import Llama
+
+
+class QueueFull(Exception):
+    """More requests are waiting than ``max_queue``: the caller should answer 429."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down (or its thread died): the caller should answer 503."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """New text for one choice of a stream; ``finish`` is set on its last event."""
+
+    index: int
+    text: str
+    finish: str | None = None  # "stop", "length", or "error" (the engine failed this request)
+
+
+class Stream:
+    """The choices of one HTTP request (``n`` of them, or one per prompt), as they are generated.
+
+    Created on the event loop; the engine thread pushes events into it thread-safely.
+    """
+
+    def __init__(self, requests: list[Request]):
+        self.requests = requests
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.cancelled = False
+        self.created = time.perf_counter()
+
+    def push(self, event: Event) -> None:
+        """Called from the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """The client went away: the engine drops this stream's requests at its next turn."""
+        self.cancelled = True
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events until every choice has finished."""
+        running = len(self.requests)
+        while running:
+            event = await self.queue.get()
+            running -= event.finish is not None
+            yield event
+
+
+@dataclass
+class Job:
+    """One request of a stream, waiting or in a cache row."""
+
+    stream: Stream
+    index: int
+
+    @property
+    def request(self) -> Request:
+        return self.stream.requests[self.index]
+
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class Metrics:
+    """The engine's own counts, for /metrics and for tests that must not rely on timing."""
+
+    decode_steps: int = 0  # decoding forward passes (one per turn, whatever the batch size)
+    prefills: int = 0  # prefill forward passes (one per turn that admitted requests)
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    outcomes: collections.Counter = field(default_factory=collections.Counter)  # stop/length/cancelled/...
+    ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+
+    def observe_ttft(self, seconds: float) -> None:
+        i = bisect.bisect_left(TTFT_BUCKETS, seconds)
+        if i < len(TTFT_BUCKETS):
+            self.ttft_buckets[i] += 1
+        self.ttft_sum += seconds
+        self.ttft_count += 1
+
+
+class Engine:
+    """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
+
+    def __init__(self, model: Llama, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = 2048):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
+        self.rows: list[Job | None] = [None] * max_batch
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.metrics = Metrics()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the asyncio side ------------------------------------------------------------------------
+    def submit(self, requests: list[Request]) -> Stream:
+        """Queue a stream's requests; raises QueueFull past ``max_queue`` waiting requests."""
+        stream = Stream(requests)
+        with self._wake:
+            if self._stopping or not self.alive:
+                raise EngineStopped("the engine is not running")
+            if len(self.waiting) + len(requests) > self.max_queue:
+                self.metrics.outcomes["rejected"] += len(requests)
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue})")
+            self.waiting.extend(Job(stream, i) for i in range(len(requests)))
+            self._wake.notify()
+        return stream
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def running(self) -> int:
+        return sum(job is not None for job in self.rows)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="llamita-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    # -- the model thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        self.model.setup_cache(self.max_batch, self.max_seq_len)
+        try:
+            with torch.inference_mode():
+                while self._next_turn():
+                    try:
+                        self._admit()
+                        if self.running:
+                            self._decode()
+                    except Exception as e:  # a failure fails the requests in flight, not the server
+                        self._fail_all(e)
+        finally:
+            self.model.clear_cache()
+            self._fail_all(EngineStopped("the engine stopped"), waiting=True)
+
+    def _next_turn(self) -> bool:
+        """Drop cancelled requests; sleep while there is nothing to do; False once stopping."""
+        with self._wake:
+            for row, job in enumerate(self.rows):
+                if job is not None and job.stream.cancelled:
+                    self._finish(row, "cancelled")
+            for job in [j for j in self.waiting if j.stream.cancelled]:
+                self.waiting.remove(job)
+                self.metrics.outcomes["cancelled"] += 1
+            while not self._stopping and not self.waiting and not self.running:
+                self._wake.wait()
+            return not self._stopping
+
+    def _admit(self) -> None:
+        """Move waiting requests into free rows (lowest first, so the decoded slice stays short)
+        and prefill them together."""
+        admitted: list[tuple[int, Job]] = []
+        with self._wake:
+            for row in range(self.max_batch):
+                if self.rows[row] is None and self.waiting:
+                    self.rows[row] = self.waiting.popleft()
+                    admitted.append((row, self.rows[row]))
+        if not admitted:
+            return
+        requests = [job.request for _, job in admitted]
+        logits = prefill(self.model, requests, rows=torch.tensor([row for row, _ in admitted], device=self._device))
+        self.metrics.prefills += 1
+        self.metrics.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+        now = time.perf_counter()
+        for _, job in admitted:
+            self.metrics.observe_ttft(now - job.stream.created)
+        self._sample(admitted, logits)
+
+    def _decode(self) -> None:
+        """One forward pass for every running request. Rows past the last busy one are left out;
+        idle rows below it are fed a dummy token at position 0 (slicing the cache beats gathering)."""
+        n = max(row for row, job in enumerate(self.rows) if job is not None) + 1
+        running = [(row, job) for row, job in enumerate(self.rows[:n]) if job is not None]
+        tokens, positions = [0] * n, [0] * n
+        for row, job in running:
+            tokens[row], positions[row] = job.request.output_ids[-1], job.request.position
+        logits = decode_step(self.model, tokens, positions)
+        self.metrics.decode_steps += 1
+        self._sample(running, logits[[row for row, _ in running]])
+
+    def _sample(self, jobs: list[tuple[int, Job]], logits: torch.Tensor) -> None:
+        """Each request picks its next token from its row of ``logits``; text goes to its stream."""
+        logits = logits.float().cpu()
+        for i, (row, job) in enumerate(jobs):
+            r = job.request
+            text = r.accept(r.next_token(logits[i]), self.max_seq_len)
+            self.metrics.generated_tokens += 1
+            if text or r.finish_reason:
+                job.stream.push(Event(job.index, text, r.finish_reason))
+            if r.finish_reason:
+                with self._wake:
+                    self._finish(row, r.finish_reason)
+
+    def _finish(self, row: int, outcome: str) -> None:
+        self.rows[row] = None
+        self.metrics.outcomes[outcome] += 1
+
+    def _fail_all(self, error: Exception, waiting: bool = False) -> None:
+        with self._wake:
+            jobs = [(row, job) for row, job in enumerate(self.rows) if job is not None]
+            for row, job in jobs:
+                self._finish(row, "error")
+                job.stream.push(Event(job.index, str(error), "error"))
+            if waiting:
+                while self.waiting:
+                    job = self.waiting.popleft()
+                    self.metrics.outcomes["error"] += 1
+                    job.stream.push(Event(job.index, str(error), "error"))
+
+    @property
+    def _device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    # -- /metrics --------------------------------------------------------------------------------
+    def prometheus(self) -> str:
+        """The counters in Prometheus' text exposition format."""
+        m = self.metrics
+        lines = [
+            "# HELP llamita_requests_total Requests by outcome: stop, length, cancelled (client left), "
+            "rejected (queue full), error.",
+            "# TYPE llamita_requests_total counter",
+            *(f'llamita_requests_total{{outcome="{k}"}} {m.outcomes[k]}'
+              for k in ("stop", "length", "cancelled", "rejected", "error")),
+        ]
+        for name, kind, value, doc in [
+            ("prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens prefilled."),
+            ("generated_tokens_total", "counter", m.generated_tokens, "Tokens sampled."),
+            ("decode_steps_total", "counter", m.decode_steps, "Decoding forward passes, one per step over the whole batch."),
+            ("prefills_total", "counter", m.prefills, "Prefill forward passes."),
+            ("queue_length", "gauge", len(self.waiting), "Requests waiting for a cache row."),
+            ("running_requests", "gauge", self.running, "Requests in cache rows."),
+            ("batch_slots", "gauge", self.max_batch, "KV-cache rows."),
+        ]:
+            lines += [f"# HELP llamita_{name} {doc}", f"# TYPE llamita_{name} {kind}", f"llamita_{name} {value}"]
+        lines += ["# HELP llamita_time_to_first_token_seconds From arrival to the first sampled token.",
+                  "# TYPE llamita_time_to_first_token_seconds histogram"]
+        cumulative = 0
+        for bound, count in zip(TTFT_BUCKETS, m.ttft_buckets):
+            cumulative += count
+            lines.append(f'llamita_time_to_first_token_seconds_bucket{{le="{bound}"}} {cumulative}')
+        lines += [f'llamita_time_to_first_token_seconds_bucket{{le="+Inf"}} {m.ttft_count}',
+                  f"llamita_time_to_first_token_seconds_sum {m.ttft_sum:.6f}",
+                  f"llamita_time_to_first_token_seconds_count {m.ttft_count}"]
+        return "\n".join(lines) + "\n"
