@@ -15,6 +15,34 @@ def default_gguf():
 
 
 @pytest.fixture(scope="session")
+def llama_vocab():
+    """Llama 2's tokenizer (llama.cpp's ggml-vocab-llama-spm.gguf), with its test vectors beside it."""
+    return assets.llama_cpp_path("models/ggml-vocab-llama-spm.gguf")
+
+
+@pytest.fixture(scope="session")
+def llama(llama_vocab):
+    from llamita.tokenizer import load_tokenizer
+
+    return load_tokenizer(llama_vocab)
+
+
+@pytest.fixture(scope="session")
+def smol(default_gguf):
+    from llamita.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(default_gguf):
+    """transformers' tokenizer built from the same GGUF."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+
+
+@pytest.fixture(scope="session")
 def default_model(default_gguf):
     return llamita.load_model(default_gguf, dtype=torch.float32)
 
@@ -75,8 +103,7 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
 
 
 @pytest.fixture(scope="session")
-def default_llm(default_model, default_gguf):
+def default_llm(default_model, smol):
     from llamita.generate import LLM
-    from llamita.tokenizer import load_tokenizer
 
-    return LLM(default_model, load_tokenizer(default_gguf))
+    return LLM(default_model, smol)

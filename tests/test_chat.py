@@ -5,13 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import transformers
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from llamita import assets
 from llamita.chat import alpaca_prompt, encode_chat, render_jinja, resolve_template, stop_token_ids
 from llamita.errors import LlamitaError
-from llamita.tokenizer import Tokenizer, load_tokenizer
+from llamita.tokenizer import Tokenizer
 
 # meta-llama/Llama-2-13b-chat-hf's tokenizer_config.json chat_template, verbatim.
 LLAMA2_HF_TEMPLATE = (
@@ -42,22 +40,6 @@ PLAIN_DIALOG = [
     {"role": "user", "content": "Thanks!"},
 ]
 ONE_TURN = [{"role": "user", "content": "Write a haiku about llamas."}]
-
-
-@pytest.fixture(scope="module")
-def llama() -> Tokenizer:
-    return load_tokenizer(assets.llama_cpp_path("models/ggml-vocab-llama-spm.gguf"))
-
-
-@pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    return load_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def hf_smol():
-    path = assets.default_model_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def with_template(tokenizer: Tokenizer, template: str | None) -> Tokenizer:

@@ -85,27 +85,6 @@ def read_llama_cpp_vectors(vocab: Path) -> dict[str, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def llama_vocab() -> Path:
-    return assets.llama_cpp_path(LLAMA_SPM)
-
-
-@pytest.fixture(scope="module")
-def llama(llama_vocab: Path) -> Tokenizer:
-    return load_tokenizer(llama_vocab)
-
-
-@pytest.fixture(scope="module")
-def smol() -> Tokenizer:
-    return load_tokenizer(None)
-
-
-@pytest.fixture(scope="module")
-def hf_smol():
-    path = assets.default_model_path()
-    return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
-@pytest.fixture(scope="module")
 def vectors(llama_vocab: Path) -> dict[str, list[int]]:
     cases = read_llama_cpp_vectors(llama_vocab)
     assert len(cases) > 40 and "" in cases and "\n\n\n" in cases
