@@ -8,7 +8,8 @@ from llamita.generate import LLM
 from llamita.model import Llama
 from llamita.sampling import SamplingParams
 from llamita.tokenizer import load_tokenizer
+from llamita.train import finetune
 
-__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "encode_chat", "load_model",
+__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "encode_chat", "finetune", "load_model",
            "load_tokenizer", "save_model"]
 __version__ = "0.1.0"

@@ -23,6 +23,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int4"], default=None,
                    help="int4: 4-bit weight-only layers with bfloat16 activations (fastest on CPU)")
     p.add_argument("--template", default="auto", help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT's format) to apply to the model")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,8 @@ def load_llm(args: argparse.Namespace):
     from llamita.generate import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template)
+    return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template,
+                    adapter=args.adapter)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -95,6 +97,57 @@ def cmd_chat(args: argparse.Namespace) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from llamita.train import TrainConfig, finetune
+
+    options = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
+    print(f"llamita: wrote {finetune(args.model, args.data, args.out, **options)}", file=sys.stderr)
+
+
+def add_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="base checkpoint (default: smollm2-135m-instruct)")
+    p.add_argument("--data", required=True, help="JSON / JSON Lines records, a text file, or a Hub dataset name")
+    p.add_argument("--out", required=True, help="output folder: adapter/ or model/, metrics.jsonl, loss.png, checkpoints/")
+    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
+    p.add_argument("--format", choices=["auto", "alpaca", "chat", "sharegpt", "text"], default="auto")
+    p.add_argument("--template", default="alpaca", help="prompt format: alpaca, or a chat format: auto, llama-2, chatml")
+    p.add_argument("--max-length", type=int, default=512, help="tokens per record (longer ones are truncated)")
+    p.add_argument("--train-on-prompt", action="store_true", help="put loss on prompt tokens too")
+    p.add_argument("--pack", action="store_true", help="pack short records into full sequences")
+    p.add_argument("--val-split", type=float, default=0.0, help="fraction of records held out for eval loss")
+    p.add_argument("--eval-data", default=None, help="a separate evaluation data file")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between eval losses (0: at the end)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down or all")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4; 2e-5 for full)")
+    p.add_argument("--batch-size", type=int, default=4, help="records per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--epochs", type=float, default=None, help="default 1 when --steps is not given")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: none)")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from llamita.lora import merge
+
+    merge(args.base, args.adapter, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamita", description="Run, chat with and fine-tune Llama 2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +168,34 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter or every weight on instruction data")
+    add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a Hugging Face checkpoint")
+    p.add_argument("base", help="the base checkpoint (or smollm2-135m-instruct)")
+    p.add_argument("adapter", help="the adapter directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that batches concurrent requests")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache rows)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context per row: prompt plus new tokens")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from llamita.serve import serve
+
+    serve(load_llm(args), source=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
+          max_queue=args.max_queue, max_seq_len=args.max_seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,7 +158,8 @@ class LLM:
 
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto") -> "LLM":
+             device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto",
+             adapter: str | Path | None = None) -> "LLM":
         """``quantize="int4"``: 4-bit weight-only linear layers with bfloat16 activations, the
         fast path for decoding on CPU (weights are read from memory once per token)."""
         if quantize not in (None, "int4"):
@@ -166,6 +167,10 @@ class LLM:
         if quantize:
             dtype = torch.bfloat16
         model = load_model(source, dtype=dtype, device=device)
+        if adapter is not None:  # folded into the weights: decoding runs at the base model's speed
+            from llamita.lora import load_adapter
+
+            load_adapter(model, adapter, merge=True)
         if quantize:
             from llamita.quantize import quantize_int4
 

@@ -158,7 +158,7 @@ class Llama(nn.Module):
         return self._rope
 
     def forward(self, input_ids: Tensor, input_pos: Tensor | None = None, logits_at: Tensor | None = None,
-                cache_rows: Tensor | None = None) -> Tensor:
+                cache_rows: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, vocab] for ``input_ids`` [B, T].
 
         ``input_pos`` ([T] or [B, T]) gives each token's position; with a KV cache it is also the
@@ -166,6 +166,8 @@ class Llama(nn.Module):
         ``logits_at`` ([B] indices into T) keeps only those positions: [B, 1, vocab].
         ``cache_rows`` ([B]) names the KV-cache rows the batch's rows use (default: the first B),
         so one request can be prefilled into its own row while others are decoding.
+        ``attn_mask`` (bool [B, 1, T, T], no cache) replaces the causal mask: packed training
+        sequences use a block-diagonal one so that records do not attend to each other.
         """
         B, T = input_ids.shape
         device = input_ids.device
@@ -176,7 +178,7 @@ class Llama(nn.Module):
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         cos, sin = self._rope_table(device)
         cos, sin = cos[input_pos][:, None], sin[input_pos][:, None]  # [B, 1, T, D]
-        mask, length = None, T
+        mask, length = attn_mask, T
         if self.has_cache:
             # A key slot is visible to a query when it holds an earlier (or the same) position.
             length = int(input_pos.max()) + 1

@@ -1,0 +1,435 @@
+"""Fine-tuning in plain sight: LoRA, QLoRA or every weight, one loop, nanoGPT style.
+
+AdamW with Llama 2's betas (0.9, 0.95) and eps 1e-5; linear warmup then cosine decay to 10% of
+the peak learning rate (as Llama 2 trained); gradient accumulation; clipping; optional gradient
+checkpointing per block; bfloat16 autocast where the device has fast bfloat16.
+
+The data order is a pure function of (seed, step) -- an endless stream of seeded epoch permutations
+-- and the loss of a step is the sum over its response tokens divided by their count over the whole
+global batch. So a step is the same whatever the split into processes and micro-batches, and a
+checkpoint needs only the step number to know where the data stands: resuming after a SIGKILL
+continues exactly as the uninterrupted run would have.
+
+Under ``torchrun`` every process trains its slice of each global batch through DDP (gloo on CPU,
+NCCL on CUDA); only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from llamita.data import IGNORE, Dataset, collate, load_dataset, order, pack, split
+from llamita.errors import LlamitaError
+from llamita.files import atomic_write
+from llamita.formats import load_model
+from llamita.lora import LoRAConfig, apply_lora, save_adapter, write_tokenizer
+from llamita.model import Llama
+from llamita.nf4 import quantize_nf4
+from llamita.tokenizer import load_tokenizer
+
+METHODS = ("lora", "qlora", "full")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"
+    # data
+    format: str = "auto"  # auto (per record), alpaca, chat, sharegpt, text
+    template: str = "alpaca"  # alpaca, or a chat format: auto (the checkpoint's), llama-2, chatml
+    max_length: int = 512
+    train_on_prompt: bool = False
+    pack: bool = False
+    val_split: float = 0.0
+    eval_data: str | None = None
+    eval_every: int = 0  # 0: only at the end
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "q,v"
+    # optimization
+    lr: float | None = None  # default: 2e-4 for (q)lora, 2e-5 for full
+    batch_size: int = 4  # per process
+    grad_accum: int = 1
+    warmup: int = 10
+    steps: int | None = None
+    epochs: float | None = None  # default: 1 when steps is not given
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_checkpoint: bool = False
+    precision: str = "auto"  # auto: bfloat16 autocast on CUDA with bf16, float32 otherwise; bf16; fp32
+    seed: int = 1337
+    # outputs
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_last: int = 2
+    resume: bool = False
+    dtype: str | None = None  # the frozen weights' dtype (default float32; bfloat16 for qlora)
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise LlamitaError(f"--method {self.method!r}: known methods are {', '.join(METHODS)}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise LlamitaError(f"--precision {self.precision!r}: known are auto, bf16, fp32")
+        for name in ("max_length", "batch_size", "grad_accum", "keep_last"):
+            if getattr(self, name) < 1:
+                raise LlamitaError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps is not None and self.steps < 1:
+            raise LlamitaError("--steps must be at least 1")
+        if not 0.0 <= self.val_split < 1.0:
+            raise LlamitaError("--val-split must be in [0, 1)")
+        if self.lr is None:
+            self.lr = 2e-5 if self.method == "full" else 2e-4
+
+
+# --- setup ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """One process, or one of torchrun's (RANK/WORLD_SIZE in the environment)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device(device))
+    cuda = device.startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(f"cuda:{local}") if cuda else torch.device(device)
+    if cuda:
+        torch.cuda.set_device(dev)
+    return Dist(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def build_model(source, cfg: TrainConfig, device: torch.device) -> tuple[Llama, LoRAConfig | None]:
+    """The model to train: all weights (full), or frozen (NF4 for qlora) with LoRA adapters."""
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if cfg.method == "qlora" else torch.float32)
+    if cfg.method == "full":
+        dtype = torch.float32  # the optimizer updates these weights: keep them in full precision
+    model = load_model(source, dtype=dtype, device=device)
+    lora = None
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        if cfg.method == "qlora":
+            quantize_nf4(model)
+        lora = LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        apply_lora(model, lora)
+    if cfg.grad_checkpoint:
+        for block in model.layers:  # recompute each block's activations in backward: memory for time
+            block.forward = lambda *args, f=block.forward: checkpoint(f, *args, use_reentrant=False)
+    return model.train(), lora
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.precision == "fp32":
+        return None
+    if cfg.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # CPU: bfloat16 matmuls are slower than float32 without AMX, and less exact
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from lr to lr/10 at the last step."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - 1 - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --- the loss --------------------------------------------------------------------------------------
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], device: torch.device, amp: torch.dtype | None) -> Tensor:
+    """Summed cross entropy of every labelled token given the tokens before it.
+
+    Only positions that predict a labelled token go through the output layer: a forward pre-hook
+    on ``lm_head`` keeps just those rows. With responses a small share of the tokens, this skips
+    most of the largest matmul and the [tokens, vocab] logits, the biggest activation in training.
+    """
+    ids = batch["ids"].to(device)
+    targets = batch["labels"][:, 1:].to(device)
+    predicts = F.pad(targets != IGNORE, (0, 1))  # position t predicts token t + 1
+    head = model.module.lm_head if isinstance(model, nn.parallel.DistributedDataParallel) else model.lm_head
+    hook = head.register_forward_pre_hook(lambda module, args: (args[0][predicts],))
+    try:
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if "mask" in batch:  # packed records: each attends only to itself, from position 0
+                logits = model(ids, batch["positions"].to(device), attn_mask=batch["mask"].to(device))
+            else:
+                logits = model(ids)
+    finally:
+        hook.remove()
+    return F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+
+
+def n_labels(batch: dict[str, Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, batch_size: int, d: Dist, amp: torch.dtype | None) -> float:
+    """Token-mean loss over the whole evaluation set, each process taking every world-th batch."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=d.device)
+    for i in range(d.rank * batch_size, len(data), batch_size * d.world):
+        batch = collate(data.examples[i: i + batch_size])
+        total += torch.tensor([loss_sum(model, batch, d.device, amp).item(), n_labels(batch)],
+                              dtype=torch.float64, device=d.device)
+    if d.world > 1:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    rng: list[dict], cfg: TrainConfig) -> None:
+    """``out/checkpoints/step-N``: written into a hidden temporary folder, then renamed, so a crash
+    never leaves a half-written checkpoint under a real name; the last ``keep_last`` are kept."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
+    weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
+    atomic_write(tmp / "trainable.safetensors", lambda p: save_file(weights, p))
+    atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+    atomic_write(tmp / "rng.pt", lambda p: torch.save(rng, p))
+    atomic_write(tmp / "state.json", lambda p: p.write_text(json.dumps({"step": step, "config": asdict(cfg)}) + "\n"))
+    final = root / f"step-{step}"
+    if final.exists():  # left by a run that went further before this one resumed from earlier
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in checkpoints(out)[: -cfg.keep_last]:
+        shutil.rmtree(old)
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders start with a dot and are ignored)."""
+    root = out / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> int:
+    params = trainable(model)
+    with safe_open(path / "trainable.safetensors", framework="pt") as f, torch.no_grad():
+        if set(f.keys()) != set(params):
+            raise LlamitaError(f"{path}: its weights do not match this run's trainable weights "
+                               "(another --method or --lora-targets?)")
+        for name, p in params.items():
+            p.copy_(f.get_tensor(name))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# --- metrics -----------------------------------------------------------------------------------------
+
+
+def read_metrics(out: Path) -> list[dict]:
+    file = out / "metrics.jsonl"
+    return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
+
+
+def plot_loss(out: Path) -> None:
+    """``loss.png``: train loss per step and eval loss, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(out)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per response token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def finetune(model: str | Path | None, data: str | Path, out: str | Path, **options) -> Path:
+    """Train ``model`` on ``data`` and write ``out/adapter`` (LoRA, QLoRA) or ``out/model`` (full),
+    plus ``metrics.jsonl``, ``loss.png`` and checkpoints. Options are TrainConfig's fields.
+    Returns the folder of the result."""
+    known = {f.name for f in fields(TrainConfig)}
+    if unknown := sorted(set(options) - known):
+        raise LlamitaError(f"finetune: unknown option {unknown[0]!r}")
+    cfg = TrainConfig(**options)
+    out = Path(out)
+    d = init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed + d.rank)  # LoRA's init is overwritten by rank 0's through DDP
+    random.seed(cfg.seed + d.rank)
+
+    net, lora = build_model(model, cfg, d.device)
+    tokenizer = load_tokenizer(model)
+    max_length = min(cfg.max_length, net.config.max_seq_len)  # no longer than the model's context
+    data_options = dict(format=cfg.format, template=cfg.template, max_length=max_length,
+                        train_on_prompt=cfg.train_on_prompt)
+    train_set = load_dataset(data, tokenizer, **data_options)
+    eval_set = load_dataset(cfg.eval_data, tokenizer, **data_options) if cfg.eval_data else None
+    if cfg.val_split:
+        train_set, eval_set = split(train_set, cfg.val_split, cfg.seed)
+    examples = pack(train_set.examples, max_length) if cfg.pack else train_set.examples
+    if d.main and train_set.truncated:
+        print(f"llamita: {train_set.truncated} of {len(train_set) + (len(eval_set) if cfg.val_split else 0)} "
+              f"records truncated to {max_length} tokens", file=sys.stderr)
+
+    params = trainable(net)
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5,
+                                  weight_decay=cfg.weight_decay)
+    per_step = cfg.batch_size * cfg.grad_accum * d.world  # records in one optimizer step
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(examples) / per_step))
+    amp = autocast_dtype(cfg, d.device)
+
+    start = 0
+    if cfg.resume and (found := checkpoints(out)):
+        start = load_checkpoint(found[-1], net, optimizer, d.rank)
+        if d.main:
+            print(f"llamita: resuming from {found[-1]}", file=sys.stderr)
+    if d.main:  # the metrics of steps after the checkpoint belong to the run that was cut short
+        out.mkdir(parents=True, exist_ok=True)
+        kept = "".join(json.dumps(r) + "\n" for r in read_metrics(out) if r["step"] <= start) if start else ""
+        atomic_write(out / "metrics.jsonl", lambda p: p.write_text(kept))
+        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
+    ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 else net
+
+    bar = None
+    if d.main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
+    metrics = open(out / "metrics.jsonl", "a") if d.main else None
+    t0, seen = time.perf_counter(), 0
+    for step in range(start, total):
+        lr = lr_at(step, cfg, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # This step's records: a slice of the stream; process r takes the r-th share, in micro-batches.
+        idx = order(len(examples), step * per_step, per_step, cfg.seed)
+        batches = [collate([examples[i] for i in idx[k: k + cfg.batch_size]])
+                   for k in range(0, per_step, cfg.batch_size)]
+        count = sum(n_labels(b) for b in batches)  # over the global batch: every process knows it
+        tokens = sum(len(examples[i].ids) for i in idx)  # real tokens, padding not counted
+        seen += tokens
+        mine = batches[d.rank * cfg.grad_accum: (d.rank + 1) * cfg.grad_accum]
+        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+        for k, batch in enumerate(mine):
+            sync = k == len(mine) - 1 or d.world == 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                s = loss_sum(ddp, batch, d.device, amp)
+                # DDP averages gradients over processes: scale so the sum over all is the global mean.
+                (s * d.world / max(count, 1)).backward()
+            step_loss += s.detach().double()
+        if d.world > 1:
+            dist.all_reduce(step_loss)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        row = {"step": done, "loss": step_loss.item() / max(count, 1), "lr": lr, "tokens": tokens,
+               "elapsed_s": round(time.perf_counter() - t0, 3)}
+        if eval_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            row["eval_loss"] = evaluate(net, eval_set, cfg.batch_size, d, amp)
+        if done == total and eval_set is not None:
+            row["eval_loss"] = evaluate(net, eval_set, cfg.batch_size, d, amp)
+        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+            rng = [None] * d.world
+            if d.world > 1:
+                dist.all_gather_object(rng, rng_state())
+            else:
+                rng = [rng_state()]
+            if d.main:
+                save_checkpoint(out, done, net, optimizer, rng, cfg)
+        if metrics:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if bar:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{seen / max(row['elapsed_s'], 1e-9):.0f}")
+            bar.update(1)
+    if bar:
+        bar.close()
+    if metrics:
+        metrics.close()
+
+    result = out / ("model" if cfg.method == "full" else "adapter")
+    if d.main:
+        if lora is not None:
+            from llamita.assets import DEFAULT_MODEL_NAME
+
+            save_adapter(net, lora, result, str(model or DEFAULT_MODEL_NAME))
+        else:
+            from llamita.formats import save_model
+
+            save_model(net, result)
+            write_tokenizer(model, result)
+        plot_loss(out)
+    if d.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result

@@ -1,0 +1,162 @@
+"""LoRA: step 0 equals the base; adapters round-trip with PEFT (transformers + peft are the oracle);
+merged checkpoints load in transformers; adapters for another base are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+import llamita
+from llamita import cli
+from llamita.errors import LlamitaError
+from llamita.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter, parse_targets
+from test_formats_hf import CONFIGS, random_tokens, tiny_hf
+from test_train import FAST, tiny_base, write_data
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base"), seed=3)
+
+
+def hf(base) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+
+def ids() -> torch.Tensor:
+    return random_tokens(300, seed=7)
+
+
+def test_step_zero_equals_the_base(base):
+    model = llamita.load_model(base, dtype=torch.float32)
+    with torch.no_grad():
+        before = model(ids())
+        apply_lora(model, LoRAConfig(r=4, targets="all", dropout=0.0))
+        after = model(ids())
+    assert len([m for m in model.modules() if isinstance(m, LoRALinear)]) == 7 * 3
+    assert torch.equal(before, after)
+    assert {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+def test_targets_parse():
+    assert parse_targets("q,v") == ("q", "v")
+    assert parse_targets("down_proj, q") == ("q", "down")
+    assert parse_targets("all") == ("q", "k", "v", "o", "gate", "up", "down")
+    with pytest.raises(LlamitaError, match="unknown module 'x'"):
+        parse_targets("q,x")
+
+
+def test_trained_adapter_loads_in_peft_with_equal_logits(base, tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    adapter = llamita.finetune(base, data, tmp_path / "run", steps=6, lora_r=4, lora_alpha=8,
+                               **{**FAST, "lora_targets": "q,k,v,o,gate,up,down"})
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                "v_proj"]
+    theirs = PeftModel.from_pretrained(hf(base), adapter).eval()
+    assert isinstance(theirs.peft_config["default"], LoraConfig) and theirs.peft_config["default"].r == 4
+    ours = llamita.load_model(base, dtype=torch.float32)
+    load_adapter(ours, adapter)
+    merged = llamita.LLM.load(base, dtype=torch.float32, adapter=adapter).model
+    with torch.no_grad():
+        expected = theirs(ids()).logits
+        assert (expected - hf(base)(ids()).logits).abs().max() > 1e-3  # training changed the model
+        assert (ours(ids()) - expected).abs().max() < 1e-4
+        assert (merged(ids()) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_adapter_loads_in_llamita(tmp_path, rslora):
+    ref = tiny_hf(11, **CONFIGS["gqa-tied"])
+    ref.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=7, target_modules=["k_proj", "o_proj", "up_proj"],
+                                                lora_dropout=0.0, use_rslora=rslora, alpha_pattern={"up_proj": 3}))
+    with torch.no_grad():  # B starts at zero: make it count
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    ours = llamita.load_model(tmp_path / "base", dtype=torch.float32)
+    load_adapter(ours, tmp_path / "adapter")
+    tokens = random_tokens(211)
+    with torch.no_grad():
+        expected = peft_model(tokens).logits
+        assert (expected - tiny_hf(11, **CONFIGS["gqa-tied"])(tokens).logits).abs().max() > 1e-3
+        assert (ours(tokens) - expected).abs().max() < 1e-4
+
+
+def test_merge_matches_transformers_and_keeps_the_tokenizer(base, tmp_path):
+    data = write_data(tmp_path / "d.jsonl")
+    adapter = llamita.finetune(base, data, tmp_path / "run", steps=4, **FAST)
+    assert cli.main(["merge", str(base), str(adapter), str(tmp_path / "merged")]) == 0
+    merged = hf(tmp_path / "merged")
+    with_adapter = llamita.LLM.load(base, dtype=torch.float32, adapter=adapter)
+    with torch.no_grad():
+        assert (merged(ids()).logits - with_adapter.model(ids())).abs().max() < 1e-4
+    assert cli.main(["generate", "repite gato", "--model", str(base), "--adapter", str(adapter),
+                     "--max-new-tokens", "3", "--temperature", "0"]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    text = "repite gato"
+    assert tok.encode(text, add_special_tokens=False) == with_adapter.tokenizer.encode(text)
+    assert llamita.load_tokenizer(tmp_path / "merged").chat_template == with_adapter.tokenizer.chat_template
+
+
+def test_merge_of_the_default_gguf_model(default_gguf, tmp_path):
+    """A GGUF base: the merged folder carries tokenizer.json and the chat template from the GGUF."""
+    model = llamita.load_model(default_gguf, dtype=torch.float32)
+    q = model.layers[0].self_attn.q_proj
+    g = torch.Generator().manual_seed(0)
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, q.in_features, generator=g),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(q.out_features, 2, generator=g)}
+    (tmp_path / "adapter").mkdir()
+    save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    llamita.lora.merge(default_gguf, tmp_path / "adapter", tmp_path / "merged")
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    load_adapter(model, tmp_path / "adapter")
+    tokens = random_tokens(1000, seed=2)
+    with torch.no_grad():
+        assert (theirs(tokens).logits - model(tokens)).abs().max() < 1e-3
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    ours = llamita.load_tokenizer(default_gguf)
+    text = "¿Dónde está la biblioteca? 1234 <|im_start|>"
+    assert tok.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert tok.chat_template == ours.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_adapter_for_another_base_is_refused(base, tmp_path):
+    other = tiny_hf(1, **CONFIGS["multi-head-untied"])
+    peft_model = get_peft_model(other, LoraConfig(r=2, target_modules=["k_proj"]))
+    peft_model.save_pretrained(tmp_path / "other")  # k_proj: 64x64 there, 32x64 (2 kv heads) here
+    model = llamita.load_model(base, dtype=torch.float32)
+    with pytest.raises(LlamitaError, match=r"adapter_model.safetensors: model.layers.0.self_attn.k_proj lora_A "
+                                           r"\(2, 64\) / lora_B \(64, 2\) do not fit a 32x64 layer: an adapter for a different base"):
+        load_adapter(model, tmp_path / "other")
+    deeper = tiny_hf(1, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=5,
+                     vocab_size=300)  # the same shapes, two layers more
+    get_peft_model(deeper, LoraConfig(r=2, target_modules=["v_proj"])).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(LlamitaError, match=r"module 'model.layers.3.self_attn.v_proj', which this model does not have"):
+        load_adapter(model, tmp_path / "deeper")
+
+
+def test_bad_adapter_files(base, tmp_path):
+    model = llamita.load_model(base, dtype=torch.float32)
+    with pytest.raises(LlamitaError, match="not a PEFT adapter directory"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": true}')
+    with pytest.raises(LlamitaError, match="adapter_config.json: field 'use_dora' is True"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(LlamitaError, match="field 'peft_type' is 'IA3'"):
+        load_adapter(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    save_file({"base_model.model.model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(LlamitaError, match="tensor 'base_model.model.model.embed_tokens.weight' is not a LoRA A/B"):
+        load_adapter(model, tmp_path)
+    with pytest.raises(LlamitaError, match="not a PEFT adapter directory"):
+        llamita.LLM.load(base, adapter=tmp_path / "nowhere")

@@ -1,0 +1,214 @@
+"""The training loop: loss goes down, SIGKILL + resume equals an uninterrupted run, torchrun with 2
+processes equals one process with twice the batch, QLoRA's NF4 memory, full fine-tuning, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaForCausalLM
+
+import llamita
+from llamita import cli
+from llamita.errors import LlamitaError
+from llamita.nf4 import NF4_LEVELS, NF4Linear, nf4_dequantize, nf4_quantize
+from llamita.train import TrainConfig, build_model, lr_at
+from test_formats_hf import tiny_hf
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = ["gato", "casa", "pescado", "grande", "perro", "libro", "agua", "verde", "cat", "house", "fish", "big"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+
+
+def tiny_base(path: Path, seed: int = 0, **config) -> Path:
+    """A random tiny Llama in HF's layout with a small byte-level BPE tokenizer and a chatml template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [" ".join(WORDS), "repite la palabra: below is an instruction response"] * 10
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, initializer_range=0.1)
+    tiny_hf(seed, **{**cfg, **config}).save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHATML}))
+    return path
+
+
+def write_data(path: Path, n: int = 12) -> Path:
+    records = [{"instruction": f"repite {w}", "input": "", "output": f"{w} {w} {w}"} for w in (WORDS * 3)[:n]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tiny_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+FAST = dict(lr=1e-2, warmup=2, batch_size=4, lora_targets="all", progress=False)
+
+
+def test_lora_loss_goes_down_and_outputs(base, data, tmp_path):
+    out = tmp_path / "run"
+    result = llamita.finetune(base, data, out, steps=40, val_split=0.25, eval_every=20, **FAST)
+    assert result == out / "adapter"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    loss = losses(out)
+    assert sum(loss[-5:]) / 5 < 0.9 * sum(loss[:5]) / 5
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < loss[0]
+    assert rows[0]["lr"] == pytest.approx(5e-3) and rows[-1]["lr"] == pytest.approx(1e-3)  # warmup, cosine to 10%
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {p.name for p in result.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup=4)
+    lrs = [lr_at(s, cfg, 20) for s in range(20)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0.1)
+
+
+def test_grad_checkpoint_and_accumulation_give_the_same_steps(base, data, tmp_path):
+    plain = dict(steps=4, lora_dropout=0.0, **{**FAST, "batch_size": 4})
+    llamita.finetune(base, data, tmp_path / "a", **plain)
+    llamita.finetune(base, data, tmp_path / "b", grad_checkpoint=True, **plain)
+    llamita.finetune(base, data, tmp_path / "c", **{**plain, "batch_size": 2, "grad_accum": 2})
+    a, b, c = (losses(tmp_path / x) for x in "abc")
+    assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(c, abs=1e-5)
+    assert a[0] != a[-1]
+
+
+def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
+    args = [sys.executable, "-m", "llamita", "finetune", str(base), "--data", str(data), "--steps", "60",
+            "--save-every", "5", "--keep-last", "2", "--lr", "1e-2", "--warmup", "3", "--batch-size", "3",
+            "--grad-accum", "2", "--lora-dropout", "0.2", "--lora-targets", "q,v,down", "--no-progress"]
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=ENV, check=True, capture_output=True)
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(args + ["--out", str(cut)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = cut / "checkpoints" / "step-5"
+        deadline = time.monotonic() + 120
+        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)  # polling a file the other process writes; nothing waits on time itself
+        assert first.is_dir() and proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (cut / "adapter").exists()
+    killed_at = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step-*"))
+    assert killed_at < 60
+
+    subprocess.run(args + ["--out", str(cut), "--resume"], env=ENV, check=True, capture_output=True)
+    assert losses(cut) == losses(tmp_path / "whole")  # exactly, step by step
+    a = load_file(cut / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step-50", "step-55"]
+
+
+def test_torchrun_two_processes_equal_one_with_twice_the_batch(base, data, tmp_path):
+    common = ["finetune", str(base), "--data", str(data), "--steps", "3", "--lr", "1e-2", "--warmup", "1",
+              "--lora-dropout", "0", "--lora-targets", "all", "--no-progress"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "llamita", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                   env=ENV, check=True, capture_output=True)
+    assert cli.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    two, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
+    a = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+# --- QLoRA / NF4 -----------------------------------------------------------------------------------
+
+
+def test_nf4_rounds_to_the_nearest_level():
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    packed, absmax = nf4_quantize(w)
+    assert packed.dtype == torch.uint8 and packed.numel() == w.numel() // 2 and absmax.numel() == w.numel() // 64
+    blocks = w.reshape(-1, 64)
+    scale = blocks.abs().amax(-1, keepdim=True)
+    nearest = (blocks / scale)[..., None].sub(NF4_LEVELS).abs().argmin(-1)  # brute force over the 16 levels
+    expected = (NF4_LEVELS[nearest] * scale).reshape(w.shape)
+    assert torch.equal(nf4_dequantize(packed, absmax, w.shape, torch.float32), expected)
+    assert len(NF4_LEVELS) == 16 and NF4_LEVELS[7] == 0 and NF4_LEVELS[0] == -1 and NF4_LEVELS[-1] == 1
+
+
+def test_qlora_trains_and_frozen_weights_take_under_a_third(base, data, tmp_path):
+    model, _ = build_model(base, TrainConfig(method="qlora", lora_targets="all"), torch.device("cpu"))
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert len(quantized) == 7 * 3  # every projection of every block
+    nf4_bytes = sum(m.nbytes for m in quantized)
+    bf16_bytes = sum(m.in_features * m.out_features * 2 for m in quantized)
+    assert nf4_bytes <= bf16_bytes / 3
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    out = tmp_path / "qlora"
+    llamita.finetune(base, data, out, method="qlora", steps=40, **{**FAST, "lr": 3e-2})
+    loss = losses(out)
+    assert sum(loss[-5:]) / 5 < 0.9 * sum(loss[:5]) / 5
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_full_finetune_writes_a_checkpoint_transformers_loads(base, data, tmp_path):
+    out = tmp_path / "full"
+    result = llamita.finetune(base, data, out, method="full", steps=8, lr=3e-3, warmup=1, batch_size=4, progress=False)
+    loss = losses(out)
+    assert loss[-1] < loss[0]
+    ours = llamita.load_model(result, dtype=torch.float32)
+    theirs = LlamaForCausalLM.from_pretrained(result, dtype=torch.float32).eval()
+    start = LlamaForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
+        assert (start(ids).logits - theirs(ids).logits).abs().max() > 1e-3  # the weights did move
+    assert llamita.load_tokenizer(result).encode("el gato") == llamita.load_tokenizer(base).encode("el gato")
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+
+def test_bad_options_are_one_line_errors(base, data, tmp_path, capsys):
+    with pytest.raises(LlamitaError, match="--method 'dora'"):
+        llamita.finetune(base, data, tmp_path, method="dora")
+    with pytest.raises(LlamitaError, match="unknown option 'learning_rate'"):
+        llamita.finetune(base, data, tmp_path, learning_rate=1.0)
+    with pytest.raises(LlamitaError, match="--lora-targets: unknown module 'qq'"):
+        llamita.finetune(base, data, tmp_path, lora_targets="qq,v")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": 3}\n')
+    assert cli.main(["finetune", str(base), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"llamita: error: {bad}:2: field 'output' must be a string, not int"
+    assert cli.main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "o"),
+                     "--template", "vicuna"]) == 2
+    assert "unknown chat template 'vicuna'" in capsys.readouterr().err
