@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 import torch
 
+from llamita.errors import LlamitaError
 from llamita.generate import Request, decode_step, prefill
 from llamita.model import Llama
 
@@ -115,10 +116,16 @@ class Metrics:
 class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
-    def __init__(self, model: Llama, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = 2048):
+    def __init__(self, model: Llama, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = 2048,
+                 max_prefill_tokens: int = 1024):
+        for name, value, least in [("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                                   ("max_seq_len", max_seq_len, 2), ("max_prefill_tokens", max_prefill_tokens, 1)]:
+            if value < least:
+                raise LlamitaError(f"{name} must be at least {least}, not {value}")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.rows: list[Job | None] = [None] * max_batch
         self.waiting: collections.deque[Job] = collections.deque()
@@ -182,22 +189,29 @@ class Engine:
             for row, job in enumerate(self.rows):
                 if job is not None and job.stream.cancelled:
                     self._finish(row, "cancelled")
-            for job in [j for j in self.waiting if j.stream.cancelled]:
-                self.waiting.remove(job)
-                self.metrics.outcomes["cancelled"] += 1
+            kept = collections.deque(job for job in self.waiting if not job.stream.cancelled)
+            self.metrics.outcomes["cancelled"] += len(self.waiting) - len(kept)
+            self.waiting = kept
             while not self._stopping and not self.waiting and not self.running:
                 self._wake.wait()
             return not self._stopping
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows (lowest first, so the decoded slice stays short)
-        and prefill them together."""
+        """Move waiting requests into free rows (lowest first, so the decoded slice stays short) and
+        prefill them together. One big prefill is the most efficient, but it stalls the running
+        streams, so a turn takes at most ``max_prefill_tokens`` (padded) of prompts: long ones are
+        spread over a few turns, with decode steps between them."""
         admitted: list[tuple[int, Job]] = []
         with self._wake:
-            for row in range(self.max_batch):
-                if self.rows[row] is None and self.waiting:
-                    self.rows[row] = self.waiting.popleft()
-                    admitted.append((row, self.rows[row]))
+            free = [row for row, job in enumerate(self.rows) if job is None]
+            longest = 0
+            while self.waiting and len(admitted) < len(free):
+                longest = max(longest, len(self.waiting[0].request.prompt_ids))
+                if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
+                    break
+                admitted.append((free[len(admitted)], self.waiting.popleft()))
+            for row, job in admitted:
+                self.rows[row] = job
         if not admitted:
             return
         requests = [job.request for _, job in admitted]
@@ -268,7 +282,7 @@ class Engine:
         for name, kind, value, doc in [
             ("prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens prefilled."),
             ("generated_tokens_total", "counter", m.generated_tokens, "Tokens sampled."),
-            ("decode_steps_total", "counter", m.decode_steps, "Decoding forward passes, one per step over the whole batch."),
+            ("decode_steps_total", "counter", m.decode_steps, "Decoding forward passes (one per step, whole batch)."),
             ("prefills_total", "counter", m.prefills, "Prefill forward passes."),
             ("queue_length", "gauge", len(self.waiting), "Requests waiting for a cache row."),
             ("running_requests", "gauge", self.running, "Requests in cache rows."),
