@@ -1,72 +1,93 @@
 """Weight-only int4 for inference, on torch's tinygemm kernels (``_weight_int4pack_mm``).
 
-Decoding one token reads every weight once, so its speed is bytes read per token: 4-bit weights
-read about 4x faster than float32. Quantization is affine per group of ``group_size`` weights
-along the input dim, ``w = (q - 8) * scale + zero`` with q in 0..15, the layout the kernels take.
+Decoding one token reads every weight once, so its speed is the bytes read per token: 4-bit
+weights read about 4x faster than float32. Quantization is affine per group of ``group_size``
+weights along the input dim, ``w = (q - 8) * scale + zero`` with q in 0..15: the kernels' format.
 
 GGUF's Q4_1 blocks (32 weights, ``w = d * q + m``) are that same format with ``scale = d`` and
-``zero = m + 8 d``, so a Q4_1 file's codes are packed as they are instead of requantized.
+``zero = m + 8 d``, so a Q4_1 file's codes can be packed as stored instead of requantized.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llamita.config import Config
 from llamita.model import Llama
-
-# The CUDA kernel's tile width along K; the CPU kernel ignores it.
-INNER_K_TILES = 8
 
 
 def group_quantize(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
     """Codes (int32 [N, K], 0..15), scales and zeros (float32 [N, K/g]) from min/max per group.
 
-    The group's min lands exactly on code 0 and its max on code 15, as llama.cpp's Q4_1 does.
+    A group's min lands exactly on code 0 and its max on 15, as in llama.cpp's Q4_1, so weights
+    that were Q4_1 come back with the same codes and values.
     """
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features {K} is not a multiple of group_size {group_size}")
     wg = w.detach().float().reshape(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-10)  # a constant group: any scale, every code 0
+    lo, hi = wg.aminmax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10)  # a constant group gets all codes 0
     codes = ((wg - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
     return codes.reshape(N, K), scales, lo + 8 * scales
 
 
-class Int4Linear(nn.Module):
-    """``nn.Linear`` (no bias) over packed int4 weights; computes in its scales' dtype.
+# Rows (tokens) from which a CPU layer dequantizes its weights and calls float32 GEMM instead of
+# the int4 kernel: decoding a few rows is bound by reading weights, where int4 wins; a prompt's
+# many rows are bound by arithmetic, where the int4 kernel runs at half MKL's float32 speed.
+DEQUANTIZE_FROM_ROWS = 64
 
-    bfloat16 is the fast path (the CPU kernel's float32 path is a slow reference, and CUDA only
-    has bfloat16). The packed layout differs between CPU and CUDA, so pack on the device it runs on.
+
+def _inner_k_tiles(in_features: int) -> int:
+    """The CUDA kernel's tile count along K: the largest of 8, 4, 2 that divides K / 16."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` (no bias) over int4 weights; the kernel computes in its scales' dtype.
+
+    bfloat16 is the fast path (the CPU kernel's float32 path is a slow but exact reference, and
+    CUDA has only bfloat16). Buffers: ``codes`` (two per byte, the even column in the high nibble:
+    what CUDA's packer takes, and what ``dequantize`` reads), ``weight`` (the kernel's own packing,
+    which differs between CPU instruction sets and CUDA: a layer runs where it was packed) and
+    ``scales_and_zeros`` [K/g, N, 2]. About 1 byte a weight in all, a quarter of float32.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 32, *,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
         super().__init__()
+        if group_size not in (32, 64, 128, 256) or in_features % group_size:
+            raise ValueError(f"group_size must be 32, 64, 128 or 256 and divide in_features {in_features}; got {group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         device = torch.device(device or "cpu")
-        if device.type == "cuda":
-            packed_shape, packed_dtype = (out_features // 8, in_features // (INNER_K_TILES * 16), 32, INNER_K_TILES // 2), torch.int32
+        self.is_cuda = device.type == "cuda"
+        if self.is_cuda:
+            tiles = _inner_k_tiles(in_features)
+            packed = torch.empty(out_features // 8, in_features // (16 * tiles), 32, tiles // 2, dtype=torch.int32, device=device)
         else:
-            packed_shape, packed_dtype = (out_features, in_features // 2), torch.uint8
-        self.register_buffer("weight", torch.empty(packed_shape, dtype=packed_dtype, device=device))
+            packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("weight", packed)
+        self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
 
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int = 32, *,
                    dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
-        """Pack codes [N, K] (0..15) with scales, zeros [N, K/g], on the codes' device."""
+        """Pack codes [N, K] (0..15) with scales and zeros [N, K/g], on the codes' device."""
         N, K = codes.shape
         layer = cls(K, N, group_size, dtype=dtype, device=codes.device)
         codes = codes.to(torch.int32).contiguous()
-        if codes.is_cuda:  # CUDA packs uint8 pairs, even column in the high nibble
-            layer.weight = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), INNER_K_TILES)
-        else:  # CPU packs int32 codes itself
-            layer.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        layer.codes = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+        if codes.is_cuda:
+            layer.weight = torch._convert_weight_to_int4pack(layer.codes, _inner_k_tiles(K))
+        else:  # the CPU packer takes one int32 code per weight
+            layer.weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
         layer.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype).contiguous()
         return layer
 
@@ -75,71 +96,71 @@ class Int4Linear(nn.Module):
         return cls.from_codes(*group_quantize(w, group_size), group_size, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = self.scales_and_zeros.dtype
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        if self.weight.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.group_size, self.scales_and_zeros)
+        # Decoding calls this ~200 times a token, so it keeps to plain attributes and skips no-op casts.
+        x2 = x.reshape(-1, self.in_features)
+        if self.is_cuda or x2.shape[0] < DEQUANTIZE_FROM_ROWS:
+            sz = self.scales_and_zeros
+            mm = torch._weight_int4pack_mm if self.is_cuda else torch._weight_int4pack_mm_for_cpu
+            y = mm(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype), self.weight, self.group_size, sz)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group_size, self.scales_and_zeros)
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+            y = F.linear(x2.float(), self.dequantize())
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def dequantize(self) -> Tensor:
-        """The weights [N, K] the kernel computes with (the packed layout is the kernel's own)."""
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype, device=self.weight.device)
-        return self(eye).T
+        """The weights [N, K] in float32: ``(q - 8) * scale + zero``, the values the kernel uses."""
+        N, K, g = self.out_features, self.in_features, self.group_size
+        q = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).view(N, K // g, g).float()
+        scales, zeros = self.scales_and_zeros.transpose(0, 1).float().contiguous().split(1, dim=-1)  # [N, K/g, 1]
+        return q.sub_(8).mul_(scales).add_(zeros).view(N, K)  # in place: a prompt dequantizes every layer
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
-def q4_1_codes(path: str | Path, n_heads: int, n_kv_heads: int) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """Codes, scales and zeros of every Q4_1 tensor in a GGUF file, by llamita name, q/k rows
-    permuted to the rotate-half layout as ``load_model`` permutes the float weights."""
+def q4_1_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
+    """(llamita module name, codes, scales, zeros) for each Q4_1 tensor of a GGUF file, one by one;
+    q/k rows are permuted to the rotate-half layout, as ``load_model`` does to the float weights."""
     import gguf
 
     from llamita.formats import interleaved_to_half
     from llamita.formats.gguf import llamita_name, open_gguf
 
     path = Path(path)
-    out = {}
     for t in open_gguf(path).tensors:
         if t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or (name := llamita_name(t.name, path)) is None:
             continue
         N, K = int(t.shape[1]), int(t.shape[0])
-        # A block: d, m (float16), then 16 bytes: weights 0..15 in the low nibbles, 16..31 in the high.
-        blocks = np.asarray(t.data).reshape(N, K // 32, 20)
-        d = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
-        m = torch.from_numpy(blocks[..., 2:4].copy().view(np.float16)[..., 0]).float()
-        qs = torch.from_numpy(blocks[..., 4:].copy()).to(torch.int32)
-        codes = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K)
-        scales, zeros = d, m + 8 * d
+        # A block: d and m (float16), then 16 bytes: weights 0..15 in the low nibbles, 16..31 in the high.
+        blocks = torch.from_numpy(np.array(t.data)).reshape(N, K // 32, 20)
+        d, m = blocks[..., :4].contiguous().view(torch.float16).float().unbind(-1)
+        qs = blocks[..., 4:].to(torch.int32)
+        codes, scales, zeros = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K), d, m + 8 * d
         if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = n_heads if "q_proj" in name else n_kv_heads
+            heads = config.n_heads if "q_proj" in name else config.n_kv_heads
             codes, scales, zeros = (interleaved_to_half(x, heads) for x in (codes, scales, zeros))
-        out[name.removesuffix(".weight")] = codes, scales, zeros
-    return out
+        yield name.removesuffix(".weight"), codes, scales, zeros
 
 
 def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> Llama:
     """Replace the blocks' linear layers with ``Int4Linear``, in place; the rest goes to ``dtype``.
 
-    ``gguf_path``: the GGUF file the model was loaded from; its Q4_1 tensors are packed as stored
-    (lossless) when ``group_size`` is 32, the others quantized from the model's weights.
-    ``lm_head`` stays as it is (tied to the embedding in small models; see docs/speed.md).
+    ``gguf_path``: the GGUF file the model was loaded from (unchanged since, e.g. no merged
+    adapter); with group_size 32 its Q4_1 tensors are packed as stored, lossless by construction,
+    the others quantized from the model's weights. ``dtype``: the activations' and the scales';
+    bfloat16 is the fast one. The embedding and ``lm_head`` (often tied to it) stay 16-bit: an
+    int4 ``lm_head`` costs more accuracy than the time it saves (docs/speed.md).
     """
-    c = model.config
-    stored = q4_1_codes(gguf_path, c.n_heads, c.n_kv_heads) if gguf_path is not None and group_size == 32 else {}
-    for name, module in list(model.layers.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        full = f"layers.{name}"
-        w = module.weight
-        if full in stored:
-            codes, scales, zeros = (x.to(w.device) for x in stored[full])
-            layer = Int4Linear.from_codes(codes, scales, zeros, group_size, dtype=dtype)
-        else:
-            layer = Int4Linear.from_float(w, group_size, dtype=dtype)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.layers.get_submodule(parent), attr, layer)
+    linears = {f"layers.{name}": m for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)}
+    packed: dict[str, Int4Linear] = {}
+    if gguf_path is not None and group_size == 32:
+        for name, codes, scales, zeros in q4_1_tensors(gguf_path, model.config):
+            if name in linears:
+                w = linears[name].weight
+                if codes.shape != w.shape:
+                    raise ValueError(f"{gguf_path}: {name} has shape {tuple(codes.shape)}, the model {tuple(w.shape)}")
+                packed[name] = Int4Linear.from_codes(*(x.to(w.device) for x in (codes, scales, zeros)), dtype=dtype)
+    for name, linear in linears.items():
+        model.set_submodule(name, packed.pop(name, None) or Int4Linear.from_float(linear.weight, group_size, dtype=dtype))
     return model.to(dtype)

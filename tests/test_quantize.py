@@ -1,0 +1,168 @@
+"""int4 weight-only quantization: the packed kernels against plain matmuls, and the default model's
+Q4_1 weights against the gguf package's own dequantization."""
+
+from __future__ import annotations
+
+import copy
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from llamita.formats import interleaved_to_half
+from llamita.formats.gguf import open_gguf
+from llamita.quantize import DEQUANTIZE_FROM_ROWS, Int4Linear, group_quantize, q4_1_tensors, quantize_int4
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def dequantize_reference(codes, scales, zeros, group_size, dtype=torch.float32):
+    """w = (q - 8) * scale + zero per group, with scales and zeros rounded to the layer's dtype."""
+    s, z = (x.to(dtype).float().repeat_interleave(group_size, dim=1) for x in (scales, zeros))
+    return (codes.float() - 8) * s + z
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("rows", [5, DEQUANTIZE_FROM_ROWS + 3])  # the int4 kernel; on CPU, also the GEMM path
+def test_int4_linear_matches_matmul_of_its_weights(device, group_size, rows):
+    torch.manual_seed(0)
+    w = torch.randn(384, 256, device=device)
+    codes, scales, zeros = group_quantize(w, group_size)
+    layer = Int4Linear.from_codes(codes, scales, zeros, group_size)
+    torch.testing.assert_close(layer.dequantize(), dequantize_reference(codes, scales, zeros, group_size, torch.bfloat16))
+    x = torch.randn(1, rows, 256, device=device).bfloat16()
+    ref = x.float() @ layer.dequantize().T
+    y = layer(x)
+    assert y.shape == (1, rows, 384) and y.dtype == torch.bfloat16
+    # bfloat16 output: ~3 significant digits.
+    torch.testing.assert_close(y.float(), ref, atol=1e-2 * ref.abs().max().item(), rtol=0)
+
+
+def test_float32_int4_kernel_is_exact():
+    """The CPU kernel's float32 path against the plain codes: a wrong nibble order or scale
+    layout in either packing would show at once."""
+    torch.manual_seed(1)
+    codes, scales, zeros = group_quantize(torch.randn(96, 128), 32)
+    layer = Int4Linear.from_codes(codes, scales, zeros, 32, dtype=torch.float32)
+    w = dequantize_reference(codes, scales, zeros, 32)
+    torch.testing.assert_close(layer.dequantize(), w, atol=1e-6, rtol=1e-6)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), x @ w.T, atol=1e-4, rtol=1e-5)
+
+
+def test_group_quantize_error_is_at_most_half_a_step():
+    torch.manual_seed(2)
+    w = torch.randn(64, 256) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different scales
+    codes, scales, zeros = group_quantize(w, 32)
+    assert codes.min() >= 0 and codes.max() <= 15
+    groups = codes.view(64, 8, 32)
+    assert (groups.amin(-1) == 0).all() and (groups.amax(-1) == 15).all()  # min and max land on codes
+    step = scales.repeat_interleave(32, dim=1)
+    err = (dequantize_reference(codes, scales, zeros, 32) - w).abs()
+    assert (err <= 0.5 * step * (1 + 1e-4)).all()
+    assert err.mean() < 0.3 * step.mean()
+
+
+def test_constant_group_is_exact():
+    w = torch.full((8, 32), 0.25)
+    w[1] = -3.0
+    codes, scales, zeros = group_quantize(w, 32)
+    assert torch.equal(dequantize_reference(codes, scales, zeros, 32), w)
+
+
+def test_bad_group_size():
+    with pytest.raises(ValueError):
+        group_quantize(torch.randn(8, 48), 32)
+    with pytest.raises(ValueError):
+        Int4Linear(64, 8, group_size=16)
+
+
+@pytest.fixture(scope="module")
+def int4_model(default_model, default_gguf):
+    """The default model with int4 layers packed straight from the file's Q4_1 blocks."""
+    return quantize_int4(copy.deepcopy(default_model), gguf_path=default_gguf)
+
+
+def test_q4_1_codes_reproduce_the_gguf_dequantization(default_gguf, default_model):
+    """Codes, scales and zeros read from the file, packed (float32 path), give back exactly what
+    gguf.quants.dequantize gives; q/k rows in llamita's rotate-half order."""
+    c = default_model.config
+    reader = open_gguf(default_gguf)
+    stored = {t.name: t for t in reader.tensors}
+    wanted = {"layers.0.self_attn.q_proj": ("blk.0.attn_q.weight", c.n_heads),
+              "layers.1.self_attn.k_proj": ("blk.1.attn_k.weight", c.n_kv_heads),
+              "layers.2.mlp.down_proj": ("blk.2.ffn_down.weight", None)}
+    seen = 0
+    for name, codes, scales, zeros in q4_1_tensors(default_gguf, c):
+        if name not in wanted:
+            continue
+        t = stored[wanted[name][0]]
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        ref = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)))
+        if heads := wanted[name][1]:
+            ref = interleaved_to_half(ref, heads)
+        exact = Int4Linear.from_codes(codes, scales, zeros, 32, dtype=torch.float32)
+        torch.testing.assert_close(exact.dequantize(), ref, atol=1e-6, rtol=1e-6)
+        # The fast layer differs only by bfloat16's rounding of each scale and zero (2^-8 relative).
+        err = (Int4Linear.from_codes(codes, scales, zeros, 32).dequantize() - ref).abs()
+        s, z = (x.abs().repeat_interleave(32, dim=1) for x in (scales, zeros))
+        assert (err <= ((codes - 8).abs() * s + z) * 2**-8 * 1.01).all()
+        seen += 1
+        if seen == len(wanted):
+            break
+    assert seen == len(wanted)
+
+
+def test_requantizing_the_float_weights_gives_the_same_int4(default_model, int4_model):
+    """min/max per 32-group recovers Q4_1's own codes and scales, so the float path is lossless too."""
+    for i, name in [(0, "self_attn.q_proj"), (12, "mlp.gate_proj"), (29, "self_attn.v_proj")]:
+        float_layer = default_model.layers[i].get_submodule(name)
+        from_file = int4_model.layers[i].get_submodule(name)
+        assert isinstance(from_file, Int4Linear)
+        requantized = Int4Linear.from_float(float_layer.weight)
+        assert torch.equal(requantized.codes, from_file.codes) and torch.equal(requantized.weight, from_file.weight)
+        torch.testing.assert_close(requantized.scales_and_zeros, from_file.scales_and_zeros, atol=0, rtol=0)
+
+
+def test_quantized_model_structure(default_model, int4_model):
+    for layer in int4_model.layers:
+        for name in ["q_proj", "k_proj", "v_proj", "o_proj"]:
+            assert isinstance(getattr(layer.self_attn, name), Int4Linear)
+        for name in ["gate_proj", "up_proj", "down_proj"]:
+            assert isinstance(getattr(layer.mlp, name), Int4Linear)
+    assert int4_model.embed_tokens.weight.dtype == torch.bfloat16
+    assert int4_model.lm_head.weight is int4_model.embed_tokens.weight  # still tied
+    assert int4_model.norm.weight.dtype == torch.bfloat16
+    assert default_model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the original is untouched
+
+
+@pytest.mark.parametrize("length", [16, DEQUANTIZE_FROM_ROWS + 16])  # decode's kernel; a prompt's GEMM
+def test_quantized_model_agrees_with_float32(default_model, int4_model, length):
+    """The int4 weights are the file's own values (up to bfloat16 scales), so mostly the
+    bfloat16 activations differ."""
+    ids = torch.randint(0, default_model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = default_model(ids)[0]
+        out = int4_model(ids)[0].float()
+    assert ref.argmax(-1)[-1] == out.argmax(-1)[-1]
+    assert (ref.argmax(-1) == out.argmax(-1)).float().mean() >= 0.8
+    for r, o in zip(ref, out):
+        assert torch.corrcoef(torch.stack([r, o]))[0, 1] > 0.99
+
+
+def test_quantized_model_decodes_with_the_cache(int4_model):
+    """Token-by-token with the KV cache gives the logits of one full forward."""
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 5045, 30]])
+    with torch.inference_mode():
+        full = int4_model(ids)[0, 3:7].float()
+        int4_model.setup_cache(1, 16)
+        try:
+            steps = [int4_model(ids[:, :4], torch.arange(4))[0, -1]]
+            steps += [int4_model(ids[:, i:i + 1], torch.tensor([i]))[0, -1] for i in range(4, 7)]
+        finally:
+            int4_model.clear_cache()
+    steps = torch.stack(steps).float()
+    assert (steps.argmax(-1) == full.argmax(-1)).all()
+    torch.testing.assert_close(steps, full, atol=0.1 * full.abs().max().item(), rtol=0)
