@@ -161,11 +161,10 @@ class LLM:
              device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto",
              adapter: str | Path | None = None) -> "LLM":
         """``quantize="int4"``: 4-bit weight-only linear layers with bfloat16 activations, the
-        fast path for decoding on CPU (weights are read from memory once per token)."""
+        fast path for decoding on CPU. The weights are quantized from the checkpoint's own dtype
+        (float32 for a quantized GGUF, whose Q4_1 codes then come back exactly)."""
         if quantize not in (None, "int4"):
             raise LlamitaError(f"unknown quantization {quantize!r} (known: int4)")
-        if quantize:
-            dtype = torch.bfloat16
         model = load_model(source, dtype=dtype, device=device)
         if adapter is not None:  # folded into the weights: decoding runs at the base model's speed
             from llamita.lora import load_adapter
