@@ -68,7 +68,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, s
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+        # The nucleus is a prefix of the tokens sorted by probability; it almost always lies
+        # within the top 256, so sort those and fall back to the full vocabulary only if not.
+        sorted_probs, order = probs.topk(min(256, probs.shape[-1]))
+        if sorted_probs.sum() < params.top_p:
+            sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
