@@ -262,7 +262,7 @@ def write_tokenizer(source: str | Path | None, directory: str | Path) -> None:
         atomic_write(directory / "tokenizer.model", lambda p: p.write_bytes(model))
         cls = "LlamaTokenizer"
     else:
-        atomic_write(directory / "tokenizer.json", lambda p: tok._backend.tok.save(str(p)))
+        atomic_write(directory / "tokenizer.json", tok.save_tokenizer_json)
         cls = "PreTrainedTokenizerFast"
     name = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
     config = {"tokenizer_class": cls, "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),

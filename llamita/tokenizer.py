@@ -11,7 +11,6 @@ Two libraries do all the work, so our ids are theirs:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +23,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from llamita.errors import LlamitaError
 from llamita.formats import detect
+from llamita.formats.hf import read_json
 
 _PIECE = sp_pb2.ModelProto.SentencePiece  # piece types; GGUF's token_type uses the same numbers (1..6)
 
@@ -147,6 +147,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    def save_tokenizer_json(self, path: str | Path) -> None:
+        """Write the vocabulary as an HF ``tokenizer.json`` (byte-level BPE / tokenizer.json sources)."""
+        if not isinstance(self._backend, _Tokenizers):
+            raise LlamitaError(f"{self.source}: a SentencePiece tokenizer is written as tokenizer.model, not tokenizer.json")
+        self._backend.tok.save(str(path))
 
     def _require(self, token_id: int | None, name: str) -> int:
         if token_id is None:
@@ -390,15 +396,8 @@ def _load_tokenizer_json(file: Path) -> tokenizers.Tokenizer:
 
 
 def _read_json(file: Path) -> dict[str, Any]:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise LlamitaError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LlamitaError(f"{file}: expected a JSON object")
-    return data
+    """An optional config file: empty when absent, else ``read_json``'s checks."""
+    return read_json(file) if file.is_file() else {}
 
 
 def _special_id(backend: _SentencePiece | _Tokenizers, token: Any, config_id: Any, sp_id: int | None) -> int | None:

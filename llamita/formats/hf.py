@@ -26,10 +26,14 @@ def llamita_name(name: str) -> str:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; a clear error naming the file when it is not one."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlamitaError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LlamitaError(f"{path}: expected a JSON object")
+    return data
 
 
 def weight_files(path: Path) -> list[Path]:
