@@ -67,10 +67,7 @@ class Request:
         self.generator = self.params.generator()
         self.decoder = StreamDecoder(self.tokenizer)
         self.matcher = StopMatcher(self.params.stop)
-        self.seen: Tensor | None = None
-        if self.params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(self.tokenizer.vocab_size, dtype=torch.bool)
-            self.seen[torch.tensor(self.prompt_ids, dtype=torch.long)] = True
+        self.seen: Tensor | None = None  # tokens present so far, for the repetition penalty
 
     @property
     def position(self) -> int:
@@ -78,8 +75,11 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids) - 1
 
     def next_token(self, logits: Tensor) -> int:
-        seen = self.seen[: logits.shape[-1]] if self.seen is not None else None
-        return sample(logits.cpu(), self.params, self.generator, seen)
+        if self.params.repetition_penalty != 1.0 and self.seen is None:
+            # Sized by the model's vocabulary, which may exceed the tokenizer's (padded embeddings).
+            self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
+            self.seen[torch.tensor(self.prompt_ids + self.output_ids, dtype=torch.long)] = True
+        return sample(logits.cpu(), self.params, self.generator, self.seen)
 
     def accept(self, token: int, max_seq_len: int) -> str:
         """Take a sampled token; return the new text (possibly empty) and set finish_reason when done."""

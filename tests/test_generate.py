@@ -159,3 +159,13 @@ def test_cli_chat_piped(default_llm):
                                {"role": "assistant", "content": first}, {"role": "user", "content": "And of Spain?"}],
                               temperature=0, max_new_tokens=16)
     assert "\n".join(lines) == f"{first}\n{second}"
+
+
+def test_repetition_penalty_covers_prompt_and_output(default_llm):
+    r = default_llm.request(default_llm.encode("one one one one"), temperature=0, max_new_tokens=8,
+                            repetition_penalty=1.3)
+    list(generate(default_llm.model, [r]))
+    assert r.seen.shape == (default_llm.model.config.vocab_size,)
+    assert r.seen[r.prompt_ids + r.output_ids].all() and int(r.seen.sum()) == len(set(r.prompt_ids + r.output_ids))
+    plain = default_llm.generate("one one one one", temperature=0, max_new_tokens=8)
+    assert default_llm.tokenizer.decode(r.output_ids) != plain
