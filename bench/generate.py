@@ -50,24 +50,21 @@ class Engine:
 
 def llamita_engine(source: str | None, kind: str, compile: bool = False) -> Engine:
     """float32 / bfloat16 weights, or int4 linear layers with bfloat16 activations; ``compile``:
-    each block through torch.compile (fusing the small ops between the matmuls)."""
-    from llamita.generate import LLM, decode_step, prefill
+    decoding steps through torch.compile, as ``LLM.load(compile=True)`` runs them."""
+    from llamita.generate import LLM, cache_size_for, decode_step, prefill
 
     dtype, quantize = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int4": (None, "int4")}[kind]
-    llm = LLM.load(source, dtype=dtype, quantize=quantize)
+    llm = LLM.load(source, dtype=dtype, quantize=quantize, compile=compile)
     model = llm.model
-    if compile:
-        for layer in model.layers:
-            layer.compile(dynamic=True)
 
     @torch.inference_mode()
     def decode(prompt: list[int], n: int) -> list[float]:
-        model.setup_cache(1, len(prompt) + n)
+        model.setup_cache(1, cache_size_for(len(prompt) + n, model.config.max_seq_len, compile))
         try:
             token = int(prefill(model, [llm.request(prompt, temperature=0)])[0].argmax())
             stamps = [time.perf_counter()]
             for i in range(n - 1):
-                token = int(decode_step(model, [token], [len(prompt) + i])[0].argmax())
+                token = int(decode_step(model, [token], [len(prompt) + i], forward=llm.forward)[0].argmax())
                 stamps.append(time.perf_counter())
         finally:
             model.clear_cache()
@@ -82,7 +79,7 @@ def llamita_engine(source: str | None, kind: str, compile: bool = False) -> Engi
             model.clear_cache()
 
     return Engine(f"llamita {kind}" + (" + torch.compile" if compile else ""), decode, run_prefill,
-                  note="blocks compiled, once per process" if compile else "")
+                  note="decoding compiled, once per process" if compile else "")
 
 
 def transformers_engine(path: Path) -> Engine:

@@ -27,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: about a minute to start, then faster (docs/speed.md)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -50,7 +52,7 @@ def load_llm(args: argparse.Namespace):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template,
-                    adapter=args.adapter)
+                    adapter=args.adapter, compile=getattr(args, "compile", False))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

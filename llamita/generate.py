@@ -8,9 +8,10 @@ drives the same three pieces for requests that come and go.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -113,23 +114,44 @@ def prefill(model: Llama, requests: list[Request], rows: Tensor | None = None) -
     return logits[:, 0]
 
 
-def decode_step(model: Llama, tokens: list[int], positions: list[int], rows: Tensor | None = None) -> Tensor:
-    """Feed one token per row at its own position; logits [n, vocab]."""
+def decode_step(model: Llama, tokens: list[int], positions: list[int], rows: Tensor | None = None,
+                forward: Callable[..., Tensor] | None = None) -> Tensor:
+    """Feed one token per row at its own position; logits [n, vocab]. ``forward``: the model
+    compiled (``compile_decoding``), for the cache's full length."""
     device = model.embed_tokens.weight.device
     ids = torch.tensor(tokens, device=device)[:, None]
     pos = torch.tensor(positions, device=device)[:, None]
-    return model(ids, pos, cache_rows=rows)[:, 0]
+    return (model if forward is None else forward)(ids, pos, cache_rows=rows)[:, 0]
 
 
-def generate(model: Llama, requests: list[Request]) -> Iterator[tuple[int, str]]:
+def compile_decoding(model: Llama) -> Callable[..., Tensor]:
+    """The model's forward through torch.compile, for decoding steps (prompts run eagerly).
+
+    Compiled with fixed shapes: one compilation (about a minute on 2 CPU cores) per batch size
+    and cache size, hence the cache sizes rounded to powers of two (``cache_size_for``).
+    """
+    warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # inductor on int4 models
+    return torch.compile(model, fullgraph=True, dynamic=False)
+
+
+def cache_size_for(tokens: int, max_seq_len: int, compiled: bool) -> int:
+    """KV-cache slots for ``tokens``; for compiled decoding, which attends over all of them, the
+    next power of two from 256, so that few sizes (compilations) ever occur."""
+    if compiled:
+        tokens = max(256, 1 << (tokens - 1).bit_length())
+    return min(tokens, max_seq_len)
+
+
+def generate(model: Llama, requests: list[Request],
+             forward: Callable[..., Tensor] | None = None) -> Iterator[tuple[int, str]]:
     """Run requests together to the end, yielding (request index, new text) as text appears.
 
     Finished rows stay in the batch (fed their last token) so that the cache is sliced, never
-    gathered; their outputs are ignored.
+    gathered; their outputs are ignored. ``forward``: a compiled decoding step (``compile_decoding``).
     """
     max_seq_len = model.config.max_seq_len
     longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
-    model.setup_cache(len(requests), min(longest, max_seq_len))
+    model.setup_cache(len(requests), cache_size_for(longest, max_seq_len, forward is not None))
     try:
         with torch.inference_mode():
             logits = prefill(model, requests)
@@ -142,7 +164,7 @@ def generate(model: Llama, requests: list[Request]) -> Iterator[tuple[int, str]]
                 if all(r.finish_reason for r in requests):
                     return
                 tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
-                logits = decode_step(model, tokens, [r.position for r in requests])
+                logits = decode_step(model, tokens, [r.position for r in requests], forward=forward)
     finally:
         model.clear_cache()
 
@@ -150,19 +172,22 @@ def generate(model: Llama, requests: list[Request]) -> Iterator[tuple[int, str]]
 class LLM:
     """A model with its tokenizer and chat format: the Python face of ``llamita generate/chat``."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto"):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto", compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
         self.stop_ids = frozenset(stop_token_ids(tokenizer, template))
+        self.forward = compile_decoding(model) if compile else None
 
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto",
-             adapter: str | Path | None = None) -> "LLM":
+             adapter: str | Path | None = None, compile: bool = False) -> "LLM":
         """``quantize="int4"``: 4-bit weight-only linear layers with bfloat16 activations, the
         fast path for decoding on CPU. The weights are quantized from the checkpoint's own dtype
-        (float32 for a quantized GGUF, whose Q4_1 codes then come back exactly)."""
+        (float32 for a quantized GGUF, whose Q4_1 codes then come back exactly). ``compile``:
+        decoding steps through torch.compile (``compile_decoding``): a minute's wait on first
+        use, then the fastest decoding (docs/speed.md)."""
         if quantize not in (None, "int4"):
             raise LlamitaError(f"unknown quantization {quantize!r} (known: int4)")
         model = load_model(source, dtype=dtype, device=device)
@@ -174,7 +199,7 @@ class LLM:
             from llamita.quantize import quantize_int4
 
             quantize_int4(model)
-        return cls(model, load_tokenizer(source), template)
+        return cls(model, load_tokenizer(source), template, compile)
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, prompt_ids: list[int], *, truncate: bool = False, **options) -> Request:
@@ -200,14 +225,14 @@ class LLM:
     # -- text in, text out -----------------------------------------------------------------------
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """The continuation of ``prompt``, chunk by chunk as it is generated."""
-        yield from (text for _, text in generate(self.model, [self.request(self.encode(prompt), **options)]))
+        yield from (text for _, text in generate(self.model, [self.request(self.encode(prompt), **options)], self.forward))
 
     def generate(self, prompt: str, **options) -> str:
         return "".join(self.stream(prompt, **options))
 
     def stream_chat(self, messages: list[Message], **options) -> Iterator[str]:
         """The assistant's reply to ``messages`` ({"role", "content"} dicts), chunk by chunk."""
-        yield from (text for _, text in generate(self.model, [self.request(self.encode_chat(messages), **options)]))
+        yield from (text for _, text in generate(self.model, [self.request(self.encode_chat(messages), **options)], self.forward))
 
     def chat(self, messages: list[Message], **options) -> str:
         return "".join(self.stream_chat(messages, **options))
@@ -223,6 +248,6 @@ class LLM:
         if not requests:
             return []
         texts = [""] * len(requests)
-        for i, text in generate(self.model, requests):
+        for i, text in generate(self.model, requests, self.forward):
             texts[i] += text
         return texts

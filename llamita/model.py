@@ -22,25 +22,21 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 whatever the model's dtype, as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos and sin, float32 [max_seq_len, head_dim], for the rotate-half layout."""
+    """cos and signed sin, float32 [max_seq_len, head_dim], for the rotate-half layout: with
+    halves (x1, x2), rotated = x * cos + (x2, x1) * (-sin, sin)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
     angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate [B, H, T, D] by position; in float32 like Meta's complex multiply."""
+    """Rotate [B, T, H, D] by position; in float32 like Meta's complex multiply."""
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos + rotated * sin).type_as(x)
+    return torch.addcmul(xf * cos, xf.roll(x.shape[-1] // 2, dims=-1), sin).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -57,6 +53,10 @@ class KVCache(nn.Module):
         """Store k, v [B, Hkv, T, D] at input_pos [B, T] in cache ``rows`` (default: the first B);
         return those rows' first ``length`` slots."""
         B = k.shape[0]
+        if rows is None and B == 1:  # one sequence (plain generation): a copy along positions
+            self.k[:1].index_copy_(2, input_pos[0], k)
+            self.v[:1].index_copy_(2, input_pos[0], v)
+            return self.k[:1, :, :length], self.v[:1, :, :length]
         index = rows[:, None] if rows is not None else torch.arange(B, device=k.device)[:, None]
         # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
         self.k[index, :, input_pos] = k.transpose(1, 2)
@@ -74,15 +74,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, set by quantize_int4
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
                 length: int, cache_rows: Tensor | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, D)
+            q, k = apply_rope(qkv[:, :, : H + Hkv], cos, sin).split([H, Hkv], dim=2)
+            v = qkv[:, :, H + Hkv :]
+        else:
+            q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+            k = apply_rope(self.k_proj(x).view(B, T, Hkv, D), cos, sin)
+            v = self.v_proj(x).view(B, T, Hkv, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, length, cache_rows)
         # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
@@ -99,9 +106,14 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
         self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, set by quantize_int4
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -138,7 +150,7 @@ class Llama(nn.Module):
         """Allocate a KV cache; from then on ``forward`` needs ``input_pos``."""
         c = self.config
         max_seq_len = max_seq_len or c.max_seq_len
-        w = self.embed_tokens.weight
+        w = self.norm.weight  # the body's dtype, which may differ from the embedding's (quantize_int4)
         for layer in self.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, w.dtype, w.device)
 
@@ -149,6 +161,10 @@ class Llama(nn.Module):
     @property
     def has_cache(self) -> bool:
         return self.layers[0].self_attn.kv_cache is not None
+
+    @property
+    def cache_size(self) -> int:
+        return self.layers[0].self_attn.kv_cache.k.shape[2]
 
     def _rope_table(self, device: torch.device) -> tuple[Tensor, Tensor]:
         if self._rope is None or self._rope[0].device != device:
@@ -176,15 +192,17 @@ class Llama(nn.Module):
             input_pos = torch.arange(T, device=device)
         input_pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
         cos, sin = self._rope_table(device)
-        cos, sin = cos[input_pos][:, None], sin[input_pos][:, None]  # [B, 1, T, D]
+        cos, sin = cos[input_pos][:, :, None], sin[input_pos][:, :, None]  # [B, T, 1, D]
         mask, length = attn_mask, T
         if self.has_cache:
             # A key slot is visible to a query when it holds an earlier (or the same) position.
-            length = int(input_pos.max()) + 1
+            # Compiled decoding attends over the whole cache, masked, so that shapes stay fixed.
+            length = self.cache_size if torch.compiler.is_compiling() else int(input_pos.max()) + 1
             mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
-        x = self.embed_tokens(input_ids)
+        # The casts are no-ops unless quantize_int4 left the embedding 16-bit under a float32 body.
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask, length, cache_rows)
         if logits_at is not None:
             x = x[torch.arange(B, device=device), logits_at][:, None]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x).to(self.lm_head.weight.dtype))

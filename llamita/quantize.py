@@ -42,6 +42,7 @@ def group_quantize(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor, Ten
 # the int4 kernel: decoding a few rows is bound by reading weights, where int4 wins; a prompt's
 # many rows are bound by arithmetic, where the int4 kernel runs at half MKL's float32 speed.
 DEQUANTIZE_FROM_ROWS = 64
+DEQUANTIZE_CHUNK = 1536  # output features dequantized and multiplied at once
 
 
 def _inner_k_tiles(in_features: int) -> int:
@@ -102,16 +103,21 @@ class Int4Linear(nn.Module):
             sz = self.scales_and_zeros
             mm = torch._weight_int4pack_mm if self.is_cuda else torch._weight_int4pack_mm_for_cpu
             y = mm(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype), self.weight, self.group_size, sz)
-        else:
-            y = F.linear(x2.float(), self.dequantize())
+        else:  # a chunk of output features at a time: less memory, and MKL is faster on narrower weights here
+            x2 = x2.float()
+            y = torch.cat([F.linear(x2, self.dequantize(i, i + DEQUANTIZE_CHUNK))
+                           for i in range(0, self.out_features, DEQUANTIZE_CHUNK)], dim=-1)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def dequantize(self) -> Tensor:
-        """The weights [N, K] in float32: ``(q - 8) * scale + zero``, the values the kernel uses."""
-        N, K, g = self.out_features, self.in_features, self.group_size
-        q = torch.stack([self.codes >> 4, self.codes & 15], dim=-1).view(N, K // g, g).float()
-        scales, zeros = self.scales_and_zeros.transpose(0, 1).float().contiguous().split(1, dim=-1)  # [N, K/g, 1]
+    def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """Rows ``start:stop`` of the weights [N, K] in float32: ``(q - 8) * scale + zero``, the
+        values the kernel uses."""
+        codes = self.codes[start:stop]
+        N, K, g = codes.shape[0], self.in_features, self.group_size
+        q = torch.stack([codes >> 4, codes & 15], dim=-1).view(N, K // g, g).float()
+        sz = self.scales_and_zeros[:, start:stop].transpose(0, 1).float().contiguous()  # [N, K/g, 2]
+        scales, zeros = sz.split(1, dim=-1)
         return q.sub_(8).mul_(scales).add_(zeros).view(N, K)  # in place: a prompt dequantizes every layer
 
     def extra_repr(self) -> str:
@@ -144,23 +150,46 @@ def q4_1_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, Tensor
 
 def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path | None = None,
                   dtype: torch.dtype = torch.bfloat16) -> Llama:
-    """Replace the blocks' linear layers with ``Int4Linear``, in place; the rest goes to ``dtype``.
+    """Replace the blocks' linear layers with ``Int4Linear``, in place, fusing q/k/v and gate/up
+    into one layer each (fewer, larger matmuls: decoding pays per call).
 
     ``gguf_path``: the GGUF file the model was loaded from (unchanged since, e.g. no merged
     adapter); with group_size 32 its Q4_1 tensors are packed as stored, lossless by construction,
-    the others quantized from the model's weights. ``dtype``: the activations' and the scales';
-    bfloat16 is the fast one. The embedding and ``lm_head`` (often tied to it) stay 16-bit: an
-    int4 ``lm_head`` costs more accuracy than the time it saves (docs/speed.md).
+    the others quantized from the model's weights. ``dtype``: the kernel's (its activations' and
+    scales'); bfloat16 is the fast one. On CUDA the rest of the model becomes ``dtype`` too. On
+    CPU the rest runs in float32, since without bfloat16 hardware attention and elementwise ops
+    are several times slower in bfloat16, and the embedding and ``lm_head`` (often tied to it)
+    are held in float16, the fastest 16-bit matrix-vector product there. ``lm_head`` stays out of
+    int4: that costs more accuracy than the time it saves (docs/speed.md).
     """
-    linears = {f"layers.{name}": m for name, m in model.layers.named_modules() if isinstance(m, nn.Linear)}
-    packed: dict[str, Int4Linear] = {}
+    stored: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     if gguf_path is not None and group_size == 32:
-        for name, codes, scales, zeros in q4_1_tensors(gguf_path, model.config):
-            if name in linears:
-                w = linears[name].weight
+        stored = {name: (codes.to(torch.uint8), scales, zeros)  # a byte a code until packed
+                  for name, codes, scales, zeros in q4_1_tensors(gguf_path, model.config)}
+
+    def int4(module: nn.Module, prefix: str, *names: str) -> Int4Linear:
+        parts = []
+        for name in names:
+            w = getattr(module, name).weight
+            if f"{prefix}.{name}" in stored:
+                codes, scales, zeros = stored[f"{prefix}.{name}"]
                 if codes.shape != w.shape:
-                    raise ValueError(f"{gguf_path}: {name} has shape {tuple(codes.shape)}, the model {tuple(w.shape)}")
-                packed[name] = Int4Linear.from_codes(*(x.to(w.device) for x in (codes, scales, zeros)), dtype=dtype)
-    for name, linear in linears.items():
-        model.set_submodule(name, packed.pop(name, None) or Int4Linear.from_float(linear.weight, group_size, dtype=dtype))
-    return model.to(dtype)
+                    raise ValueError(f"{gguf_path}: {prefix}.{name} has shape {tuple(codes.shape)}, the model {tuple(w.shape)}")
+                parts.append((codes.to(w.device), scales.to(w.device), zeros.to(w.device)))
+            else:
+                parts.append(group_quantize(w, group_size))
+        return Int4Linear.from_codes(*(torch.cat(x) for x in zip(*parts)), group_size, dtype=dtype)
+
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = int4(attn, f"layers.{i}.self_attn", "q_proj", "k_proj", "v_proj")
+        attn.o_proj = int4(attn, f"layers.{i}.self_attn", "o_proj")
+        attn.q_proj = attn.k_proj = attn.v_proj = None
+        mlp.gate_up_proj = int4(mlp, f"layers.{i}.mlp", "gate_proj", "up_proj")
+        mlp.down_proj = int4(mlp, f"layers.{i}.mlp", "down_proj")
+        mlp.gate_proj = mlp.up_proj = None
+    cuda = model.lm_head.weight.is_cuda
+    body, head = (dtype, dtype) if cuda else (torch.float32, torch.float16)
+    for name, p in model.named_parameters():  # Int4Linear holds buffers only
+        p.data = p.data.to(head if name.startswith(("embed_tokens", "lm_head")) else body)
+    return model

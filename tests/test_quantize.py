@@ -12,6 +12,9 @@ import torch
 
 from llamita.formats import interleaved_to_half
 from llamita.formats.gguf import open_gguf
+from llamita.config import Config
+from llamita.generate import cache_size_for, compile_decoding, decode_step
+from llamita.model import Llama
 from llamita.quantize import DEQUANTIZE_FROM_ROWS, Int4Linear, group_quantize, q4_1_tensors, quantize_int4
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -116,32 +119,34 @@ def test_q4_1_codes_reproduce_the_gguf_dequantization(default_gguf, default_mode
 
 
 def test_requantizing_the_float_weights_gives_the_same_int4(default_model, int4_model):
-    """min/max per 32-group recovers Q4_1's own codes and scales, so the float path is lossless too."""
-    for i, name in [(0, "self_attn.q_proj"), (12, "mlp.gate_proj"), (29, "self_attn.v_proj")]:
-        float_layer = default_model.layers[i].get_submodule(name)
-        from_file = int4_model.layers[i].get_submodule(name)
+    """min/max per 32-group recovers Q4_1's own codes and scales, so the float path is lossless
+    too; fused layers hold their parts' rows in order (q, k, v; gate, up)."""
+    attn, mlp = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]
+    for i, fused, parts in [(0, "self_attn.qkv_proj", attn), (12, "mlp.gate_up_proj", mlp),
+                            (29, "self_attn.o_proj", ["self_attn.o_proj"])]:
+        from_file = int4_model.layers[i].get_submodule(fused)
         assert isinstance(from_file, Int4Linear)
-        requantized = Int4Linear.from_float(float_layer.weight)
+        requantized = Int4Linear.from_float(torch.cat([default_model.layers[i].get_submodule(p).weight for p in parts]))
         assert torch.equal(requantized.codes, from_file.codes) and torch.equal(requantized.weight, from_file.weight)
         torch.testing.assert_close(requantized.scales_and_zeros, from_file.scales_and_zeros, atol=0, rtol=0)
 
 
 def test_quantized_model_structure(default_model, int4_model):
     for layer in int4_model.layers:
-        for name in ["q_proj", "k_proj", "v_proj", "o_proj"]:
-            assert isinstance(getattr(layer.self_attn, name), Int4Linear)
-        for name in ["gate_proj", "up_proj", "down_proj"]:
-            assert isinstance(getattr(layer.mlp, name), Int4Linear)
-    assert int4_model.embed_tokens.weight.dtype == torch.bfloat16
+        attn, mlp = layer.self_attn, layer.mlp
+        assert all(isinstance(m, Int4Linear) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        assert attn.q_proj is attn.k_proj is attn.v_proj is mlp.gate_proj is mlp.up_proj is None
+        assert (attn.qkv_proj.out_features, mlp.gate_up_proj.out_features) == (576 + 2 * 192, 2 * 1536)
+    assert int4_model.embed_tokens.weight.dtype == torch.float16  # the fastest 16-bit GEMV on CPU
     assert int4_model.lm_head.weight is int4_model.embed_tokens.weight  # still tied
-    assert int4_model.norm.weight.dtype == torch.bfloat16
+    assert int4_model.norm.weight.dtype == torch.float32  # the body runs in float32 on CPU
     assert default_model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the original is untouched
 
 
 @pytest.mark.parametrize("length", [16, DEQUANTIZE_FROM_ROWS + 16])  # decode's kernel; a prompt's GEMM
 def test_quantized_model_agrees_with_float32(default_model, int4_model, length):
     """The int4 weights are the file's own values (up to bfloat16 scales), so mostly the
-    bfloat16 activations differ."""
+    bfloat16 activations at the matmuls and the float16 lm_head differ."""
     ids = torch.randint(0, default_model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = default_model(ids)[0]
@@ -166,3 +171,26 @@ def test_quantized_model_decodes_with_the_cache(int4_model):
     steps = torch.stack(steps).float()
     assert (steps.argmax(-1) == full.argmax(-1)).all()
     torch.testing.assert_close(steps, full, atol=0.1 * full.abs().max().item(), rtol=0)
+
+
+def test_compiled_decoding_matches_eager():
+    """``compile_decoding`` (fixed shapes: attention over the whole power-of-two cache, masked)
+    gives eager decoding's tokens and logits, on an int4 model as LLM.load(compile=True) runs it."""
+    torch.manual_seed(0)
+    config = Config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=128, max_seq_len=1024)
+    model = quantize_int4(Llama(config).eval())
+    compiled = compile_decoding(model)
+    prompt = torch.randint(0, 256, (1, 11))
+    runs = []
+    with torch.inference_mode():
+        for forward in (None, compiled):
+            model.setup_cache(1, cache_size_for(11 + 24, config.max_seq_len, forward is not None))
+            logits = [model(prompt, torch.arange(11))[0, -1]]
+            for pos in range(11, 11 + 24):
+                logits.append(decode_step(model, [int(logits[-1].argmax())], [pos], forward=forward)[0])
+            runs.append(torch.stack(logits).float())
+            model.clear_cache()
+    eager, fixed = runs
+    assert model.layers[0].self_attn.kv_cache is None and cache_size_for(35, 1024, True) == 256
+    assert torch.equal(eager.argmax(-1), fixed.argmax(-1))
+    torch.testing.assert_close(fixed, eager, atol=1e-3 * eager.abs().max().item(), rtol=0)
