@@ -199,10 +199,10 @@ class Llama(nn.Module):
             # Compiled decoding attends over the whole cache, masked, so that shapes stay fixed.
             length = self.cache_size if torch.compiler.is_compiling() else int(input_pos.max()) + 1
             mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
-        # The casts are no-ops unless quantize_int4 left the embedding 16-bit under a float32 body.
+        # A no-op unless quantize_int4 left the embedding 16-bit under a float32 body.
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask, length, cache_rows)
         if logits_at is not None:
             x = x[torch.arange(B, device=device), logits_at][:, None]
-        return self.lm_head(self.norm(x).to(self.lm_head.weight.dtype))
+        return self.lm_head(self.norm(x))

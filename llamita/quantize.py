@@ -124,6 +124,29 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
 
 
+class ScreenedLMHead(nn.Module):
+    """The output layer of an int4 model: int4 logits for the whole vocabulary pick a shortlist,
+    whose logits are then recomputed exactly from the 16-bit weights (shared with the embedding).
+
+    An int4 output layer alone costs accuracy (docs/speed.md), a 16-bit one costs time, most of
+    all on a batch of rows on CPU; the words that decide greedy decoding and top-p/top-k sampling
+    are all in the shortlist, where the logits are exact. The rest keep their int4 values.
+    """
+
+    def __init__(self, weight: nn.Parameter, shortlist: int = 64, group_size: int = 32, *,
+                 dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.weight = weight
+        self.shortlist = min(shortlist, weight.shape[0])
+        self.screen = Int4Linear.from_float(weight, group_size, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.screen(x).float()
+        top = logits.topk(self.shortlist, dim=-1).indices  # [..., k]
+        exact = (self.weight[top].float() @ x.float()[..., None])[..., 0]  # [..., k, D] @ [..., D, 1]
+        return logits.scatter_(-1, top, exact)
+
+
 def q4_1_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
     """(llamita module name, codes, scales, zeros) for each Q4_1 tensor of a GGUF file, one by one;
     q/k rows are permuted to the rotate-half layout, as ``load_model`` does to the float weights."""
@@ -159,8 +182,8 @@ def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path |
     scales'); bfloat16 is the fast one. On CUDA the rest of the model becomes ``dtype`` too. On
     CPU the rest runs in float32, since without bfloat16 hardware attention and elementwise ops
     are several times slower in bfloat16, and the embedding and ``lm_head`` (often tied to it)
-    are held in float16, the fastest 16-bit matrix-vector product there. ``lm_head`` stays out of
-    int4: that costs more accuracy than the time it saves (docs/speed.md).
+    are held in float16. ``lm_head`` becomes a ``ScreenedLMHead``: int4 to find the likely
+    words, the 16-bit weights for their exact logits.
     """
     stored: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     if gguf_path is not None and group_size == 32:
@@ -192,4 +215,5 @@ def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path |
     body, head = (dtype, dtype) if cuda else (torch.float32, torch.float16)
     for name, p in model.named_parameters():  # Int4Linear holds buffers only
         p.data = p.data.to(head if name.startswith(("embed_tokens", "lm_head")) else body)
+    model.lm_head = ScreenedLMHead(model.lm_head.weight, group_size=group_size, dtype=dtype)
     return model
