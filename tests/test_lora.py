@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 import llamita
 from llamita import cli
 from llamita.errors import LlamitaError
-from llamita.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter, parse_targets
+from llamita.lora import LoRAConfig, LoRALinear, SharedDropout, apply_lora, load_adapter, parse_targets
 from test_formats_hf import CONFIGS, random_tokens, tiny_hf
 from test_train import FAST, tiny_base, write_data
 
@@ -160,3 +160,21 @@ def test_bad_adapter_files(base, tmp_path):
         load_adapter(model, tmp_path)
     with pytest.raises(LlamitaError, match="not a PEFT adapter directory"):
         llamita.LLM.load(base, adapter=tmp_path / "nowhere")
+
+
+def test_shared_dropout_one_mask_per_input_and_the_right_rate():
+    torch.manual_seed(0)
+    drop = SharedDropout(0.05)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    assert drop(x) is y  # q, k and v's adapters see one mask
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / (1 - 0.05)), rtol=1e-4, atol=0)  # unbiased
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
+    other = drop(torch.ones(1000, 1000))
+    assert not torch.equal(other, y)  # a new input draws a new mask
+    drop.eval()
+    assert drop(x) is x
