@@ -51,6 +51,9 @@ def load_llm(args: argparse.Namespace):
     from llamita.generate import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if getattr(args, "compile", False):
+        print("llamita: --compile: the first reply waits while torch.compile builds the decoding step "
+              "(about a minute on 2 CPU cores)", file=sys.stderr)
     return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template,
                     adapter=args.adapter, compile=getattr(args, "compile", False))
 
@@ -139,6 +142,8 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard --method full with FSDP2 (the default on CUDA; DDP otherwise)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

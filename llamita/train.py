@@ -11,7 +11,9 @@ checkpoint needs only the step number to know where the data stands: resuming af
 continues exactly as the uninterrupted run would have.
 
 Under ``torchrun`` every process trains its slice of each global batch through DDP (gloo on CPU,
-NCCL on CUDA); only rank 0 writes files.
+NCCL on CUDA), or, for ``--method full`` on CUDA (or with ``--fsdp``), through FSDP2's
+``fully_shard``: each process then holds a shard of the weights, gradients and optimizer state,
+which checkpoints and the final model gather whole. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class TrainConfig:
     resume: bool = False
     dtype: str | None = None  # the frozen weights' dtype (default float32; bfloat16 for qlora)
     device: str = "cpu"
+    fsdp: bool = False  # shard under torchrun even where DDP is the default (full on CUDA shards anyway)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -97,6 +100,8 @@ class TrainConfig:
             raise LlamitaError("--steps must be at least 1")
         if not 0.0 <= self.val_split < 1.0:
             raise LlamitaError("--val-split must be in [0, 1)")
+        if self.fsdp and self.method != "full":
+            raise LlamitaError("--fsdp shards --method full only (adapters are small: DDP serves them)")
         if self.lr is None:
             self.lr = 2e-5 if self.method == "full" else 2e-4
 
@@ -204,13 +209,18 @@ def n_labels(batch: dict[str, Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch_size: int, d: Dist, amp: torch.dtype | None) -> float:
-    """Token-mean loss over the whole evaluation set, each process taking every world-th batch."""
+    """Token-mean loss over the whole evaluation set, each process taking every world-th batch.
+
+    Every process runs as many forward passes (FSDP gathers weights in each): one left without a
+    batch of its own at the end runs the first record again and counts nothing."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=d.device)
-    for i in range(d.rank * batch_size, len(data), batch_size * d.world):
-        batch = collate(data.examples[i: i + batch_size])
-        total += torch.tensor([loss_sum(model, batch, d.device, amp).item(), n_labels(batch)],
-                              dtype=torch.float64, device=d.device)
+    for start in range(0, len(data), batch_size * d.world):
+        i = start + d.rank * batch_size
+        weight = 1.0 if i < len(data) else 0.0
+        batch = collate(data.examples[i: i + batch_size] if weight else data.examples[:1])
+        total += weight * torch.tensor([loss_sum(model, batch, d.device, amp).item(), n_labels(batch)],
+                                       dtype=torch.float64, device=d.device)
     if d.world > 1:
         dist.all_reduce(total)
     model.train()
@@ -234,16 +244,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def shard(model: Llama) -> Llama:
+    """FSDP2: each block a unit of its own, the embedding, final norm and lm_head the root's."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.layers:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, sharded: bool) -> tuple[dict, dict | None]:
+    """The trainable weights and (given an optimizer) its state, whole, on the CPU. Sharded, every
+    process must call this (the shards are gathered) and rank 0 gets the result."""
+    if not sharded:
+        return ({n: p.detach().contiguous().cpu() for n, p in trainable(model).items()},
+                optimizer.state_dict() if optimizer else None)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    names = set(trainable(model))
+    weights = {n: t.contiguous() for n, t in get_model_state_dict(model, options=options).items() if n in names}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options) if optimizer else None
+
+
+def save_checkpoint(out: Path, step: int, weights: dict[str, Tensor], optimizer_state: dict,
                     rng: list[dict], cfg: TrainConfig) -> None:
     """``out/checkpoints/step-N``: written into a hidden temporary folder, then renamed, so a crash
     never leaves a half-written checkpoint under a real name; the last ``keep_last`` are kept."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
-    weights = {n: p.detach().contiguous().cpu() for n, p in trainable(model).items()}
     atomic_write(tmp / "trainable.safetensors", lambda p: save_file(weights, p))
-    atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer.state_dict(), p))
+    atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
     atomic_write(tmp / "rng.pt", lambda p: torch.save(rng, p))
     atomic_write(tmp / "state.json", lambda p: p.write_text(json.dumps({"step": step, "config": asdict(cfg)}) + "\n"))
     final = root / f"step-{step}"
@@ -261,15 +294,25 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int) -> int:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                    sharded: bool = False) -> int:
     params = trainable(model)
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     with safe_open(path / "trainable.safetensors", framework="pt") as f, torch.no_grad():
         if set(f.keys()) != set(params):
             raise LlamitaError(f"{path}: its weights do not match this run's trainable weights "
                                "(another --method or --lora-targets?)")
-        for name, p in params.items():
-            p.copy_(f.get_tensor(name))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        if sharded:  # every process reads the whole checkpoint and keeps its shards
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            options = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(model, {n: f.get_tensor(n) for n in params}, options=options)
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+        else:
+            for name, p in params.items():
+                p.copy_(f.get_tensor(name))
+            optimizer.load_state_dict(optimizer_state)
     rng = torch.load(path / "rng.pt", weights_only=False)
     set_rng_state(rng[rank] if rank < len(rng) else rng[0])
     return json.loads((path / "state.json").read_text())["step"]
@@ -337,6 +380,9 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         print(f"llamita: {train_set.truncated} of {len(train_set) + (len(eval_set) if cfg.val_split else 0)} "
               f"records truncated to {max_length} tokens", file=sys.stderr)
 
+    sharded = d.world > 1 and (cfg.fsdp or (cfg.method == "full" and d.device.type == "cuda"))
+    if sharded:
+        shard(net)
     params = trainable(net)
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5,
                                   weight_decay=cfg.weight_decay)
@@ -346,7 +392,7 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
 
     start = 0
     if cfg.resume and (found := checkpoints(out)):
-        start = load_checkpoint(found[-1], net, optimizer, d.rank)
+        start = load_checkpoint(found[-1], net, optimizer, d.rank, sharded)
         if d.main:
             print(f"llamita: resuming from {found[-1]}", file=sys.stderr)
     if d.main:  # the metrics of steps after the checkpoint belong to the run that was cut short
@@ -354,7 +400,7 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         kept = "".join(json.dumps(r) + "\n" for r in read_metrics(out) if r["step"] <= start) if start else ""
         atomic_write(out / "metrics.jsonl", lambda p: p.write_text(kept))
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
-    ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 else net
+    ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 and not sharded else net
 
     bar = None
     if d.main and cfg.progress:
@@ -378,9 +424,11 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
         for k, batch in enumerate(mine):
             sync = k == len(mine) - 1 or d.world == 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
+            if sharded:
+                net.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or sharded else ddp.no_sync():
                 s = loss_sum(ddp, batch, d.device, amp)
-                # DDP averages gradients over processes: scale so the sum over all is the global mean.
+                # DDP and FSDP average gradients over processes: scale so the sum over all is the global mean.
                 (s * d.world / max(count, 1)).backward()
             step_loss += s.detach().double()
         if d.world > 1:
@@ -403,8 +451,9 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
                 dist.all_gather_object(rng, rng_state())
             else:
                 rng = [rng_state()]
+            weights, optimizer_state = whole_state(net, optimizer, sharded)
             if d.main:
-                save_checkpoint(out, done, net, optimizer, rng, cfg)
+                save_checkpoint(out, done, weights, optimizer_state, rng, cfg)
         if metrics:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
@@ -418,6 +467,7 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         metrics.close()
 
     result = out / ("model" if cfg.method == "full" else "adapter")
+    weights = whole_state(net, None, sharded)[0] if sharded else None  # every weight is trainable here
     if d.main:
         if lora is not None:
             from llamita.assets import DEFAULT_MODEL_NAME
@@ -426,7 +476,7 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         else:
             from llamita.formats import save_model
 
-            save_model(net, result)
+            save_model(net, result, state_dict=weights)
             write_tokenizer(model, result)
         plot_loss(out)
     if d.world > 1:

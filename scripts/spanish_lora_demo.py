@@ -41,9 +41,13 @@ def f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_all(llm: llamita.LLM, records: list[dict], max_new_tokens: int) -> list[str]:
+def answer_all(llm: llamita.LLM, records: list[dict], max_new_tokens: int, batch: int = 16) -> list[str]:
+    """Greedy answers, 16 questions decoded together (the same as one by one, only faster)."""
     prompts = [to_messages(r, "eval")[:1] for r in records]
-    return [llm.chat(p, temperature=0, max_new_tokens=max_new_tokens).strip() for p in prompts]
+    answers = []
+    for i in range(0, len(prompts), batch):
+        answers += llm.chat_batch(prompts[i: i + batch], temperature=0, max_new_tokens=max_new_tokens)
+    return [a.strip() for a in answers]
 
 
 def score(answers: list[str], records: list[dict]) -> dict:

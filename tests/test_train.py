@@ -148,6 +148,34 @@ def test_torchrun_two_processes_equal_one_with_twice_the_batch(base, data, tmp_p
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
+def test_fsdp_full_finetune_equals_one_process_and_resumes(base, data, tmp_path):
+    """FSDP2 (--fsdp, gloo on CPU): 2 processes with batch 2 train as 1 process with batch 4, and
+    a run resumed from a checkpoint gathered from the shards ends where the uninterrupted one did."""
+    common = ["finetune", str(base), "--data", str(data), "--method", "full", "--steps", "4", "--lr", "3e-3",
+              "--warmup", "1", "--save-every", "2", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "llamita", *common, "--batch-size", "2", "--fsdp"]
+    subprocess.run([*torchrun, "--out", str(tmp_path / "fsdp")], env=ENV, check=True, capture_output=True)
+    assert cli.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    sharded, one = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    assert len(sharded) == 4 and sharded == pytest.approx(one, abs=1e-5)
+    a = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+    resumed = tmp_path / "resumed"  # the run as it stood at its step-2 checkpoint
+    (resumed / "checkpoints").mkdir(parents=True)
+    os.rename(tmp_path / "fsdp" / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    state = torch.load(resumed / "checkpoints" / "step-2" / "optimizer.pt", weights_only=True)["state"]
+    assert "layers.0.mlp.down_proj.weight" in state  # gathered by parameter name from FSDP's shards
+    (resumed / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()[:2]))
+    subprocess.run([*torchrun, "--out", str(resumed), "--resume"], env=ENV, check=True, capture_output=True)
+    assert losses(resumed) == pytest.approx(sharded, abs=1e-6)
+    c = load_file(resumed / "model" / "model.safetensors")
+    assert all((a[k] - c[k]).abs().max() < 1e-6 for k in a)
+
+
 # --- QLoRA / NF4 -----------------------------------------------------------------------------------
 
 

@@ -115,9 +115,12 @@ def build_model(ckpt: Checkpoint, *, dtype: torch.dtype | None = None, device: s
     return model.eval()
 
 
-def save_model(model: Llama, directory: str | Path, *, max_shard_bytes: int = 5 * 1024**3) -> None:
-    """Write the Hugging Face layout: config.json + safetensors, sharded with an index above 5 GB."""
-    hf.write(model.config, dict(model.state_dict()), Path(directory), max_shard_bytes)
+def save_model(model: Llama, directory: str | Path, *, max_shard_bytes: int = 5 * 1024**3,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the Hugging Face layout: config.json + safetensors, sharded with an index above 5 GB.
+    ``state_dict``: the weights to write instead of the model's own (e.g. gathered from FSDP shards)."""
+    weights = state_dict if state_dict is not None else dict(model.state_dict())
+    hf.write(model.config, weights, Path(directory), max_shard_bytes)
 
 
 from llamita.formats import gguf, hf, meta  # noqa: E402  (the modules import Checkpoint from here)
