@@ -105,8 +105,10 @@ class Int4Linear(nn.Module):
             y = mm(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype), self.weight, self.group_size, sz)
         else:  # a chunk of output features at a time: less memory, and MKL is faster on narrower weights here
             x2 = x2.float()
-            y = torch.cat([F.linear(x2, self.dequantize(i, i + DEQUANTIZE_CHUNK))
-                           for i in range(0, self.out_features, DEQUANTIZE_CHUNK)], dim=-1)
+            y = x2.new_empty(x2.shape[0], self.out_features)
+            for i in range(0, self.out_features, DEQUANTIZE_CHUNK):
+                w = self.dequantize(i, i + DEQUANTIZE_CHUNK)
+                torch.mm(x2, w.T, out=y[:, i: i + w.shape[0]])
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -117,8 +119,8 @@ class Int4Linear(nn.Module):
         N, K, g = codes.shape[0], self.in_features, self.group_size
         q = torch.stack([codes >> 4, codes & 15], dim=-1).view(N, K // g, g).float()
         sz = self.scales_and_zeros[:, start:stop].transpose(0, 1).float().contiguous()  # [N, K/g, 2]
-        scales, zeros = sz.split(1, dim=-1)
-        return q.sub_(8).mul_(scales).add_(zeros).view(N, K)  # in place: a prompt dequantizes every layer
+        scales, zeros = sz[..., :1], sz[..., 1:]
+        return torch.addcmul(zeros - 8 * scales, q, scales).view(N, K)  # one pass: a prompt dequantizes every layer
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"

@@ -88,14 +88,15 @@ def main() -> None:
                                warmup=20, val_split=0.02, eval_every=max(1, args.steps // 5))
     after = answer_all(llamita.LLM.load(args.model, adapter=adapter), evals, args.max_new_tokens)
 
-    results = {"before": score(before, evals), "after": score(after, evals), "eval_records": len(evals),
+    results = {"before": score(before, evals), "after": score(after, evals),
+               "references": score([r["output"] for r in evals], evals), "eval_records": len(evals),
                "train_records": len(train), "steps": args.steps,
                "examples": [{"question": r["instruction"], "reference": r["output"], "before": b, "after": a}
                             for r, b, a in list(zip(evals, before, after))[:10]]}
     (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     print(f"held-out records: {len(evals)}; trained on {len(train)} records for {args.steps} steps")
     print(f"{'':8}{'token F1':>10}{'Spanish (py3langid)':>22}")
-    for name in ("before", "after"):
+    for name in ("before", "after", "references"):  # references: how py3langid labels the gold answers
         print(f"{name:8}{results[name]['f1']:10.3f}{results[name]['spanish']:22.1%}")
     print(f"loss plot: {out / 'loss.png'}; answers: {out / 'results.json'}")
 
