@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights' dtype (default: the checkpoint's; float32 for quantized GGUF)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     p.add_argument("--quantize", choices=["int4"], default=None,
-                   help="int4: 4-bit weight-only layers with bfloat16 activations (fastest on CPU)")
+                   help="int4: 4-bit weight-only layers, q/k/v and gate/up fused, screened output layer (fastest on CPU)")
     p.add_argument("--template", default="auto", help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT's format) to apply to the model")
 

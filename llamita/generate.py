@@ -183,8 +183,8 @@ class LLM:
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto",
              adapter: str | Path | None = None, compile: bool = False) -> "LLM":
-        """``quantize="int4"``: 4-bit weight-only linear layers with bfloat16 activations, the
-        fast path for decoding on CPU. The weights are quantized from the checkpoint's own dtype
+        """``quantize="int4"``: 4-bit weight-only linear layers (``quantize_int4``), the fast
+        path for decoding on CPU. The weights are quantized from the checkpoint's own dtype
         (float32 for a quantized GGUF, whose Q4_1 codes then come back exactly). ``compile``:
         decoding steps through torch.compile (``compile_decoding``): a minute's wait on first
         use, then the fastest decoding (docs/speed.md)."""

@@ -313,7 +313,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             for name, p in params.items():
                 p.copy_(f.get_tensor(name))
             optimizer.load_state_dict(optimizer_state)
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    rng = torch.load(path / "rng.pt", weights_only=True)
     set_rng_state(rng[rank] if rank < len(rng) else rng[0])
     return json.loads((path / "state.json").read_text())["step"]
 
