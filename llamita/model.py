@@ -198,7 +198,9 @@ class Llama(nn.Module):
             # A key slot is visible to a query when it holds an earlier (or the same) position.
             # Compiled decoding attends over the whole cache, masked, so that shapes stay fixed.
             length = self.cache_size if torch.compiler.is_compiling() else int(input_pos.max()) + 1
-            mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
+            # Prompts from position 0 are plain causal, which SDPA runs faster without a mask.
+            if not (T > 1 and length == T and bool((input_pos == torch.arange(T, device=device)).all())):
+                mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
         # A no-op unless quantize_int4 left the embedding 16-bit under a float32 body.
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         for layer in self.layers:

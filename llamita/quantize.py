@@ -113,13 +113,18 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
         """Rows ``start:stop`` of the weights [N, K] in float32: ``(q - 8) * scale + zero``, the
-        values the kernel uses."""
+        values the kernel uses. A prompt dequantizes every layer, so each nibble goes from its byte
+        to its float in one pass (``addcmul`` converts uint8 as it reads)."""
         codes = self.codes[start:stop]
         N, K, g = codes.shape[0], self.in_features, self.group_size
-        q = torch.stack([codes >> 4, codes & 15], dim=-1).view(N, K // g, g).float()
-        sz = self.scales_and_zeros[:, start:stop].transpose(0, 1).float().contiguous()  # [N, K/g, 2]
-        scales, zeros = sz[..., :1], sz[..., 1:]
-        return torch.addcmul(zeros - 8 * scales, q, scales).view(N, K)  # one pass: a prompt dequantizes every layer
+        sz = self.scales_and_zeros[:, start:stop].float()  # [K/g, N, 2]
+        scales = sz[..., 0].T[..., None]
+        offsets = (sz[..., 1] - 8 * sz[..., 0]).T[..., None]
+        pairs = codes.view(N, K // g, g // 2)
+        w = torch.empty(N, K // g, g // 2, 2)  # even columns in the high nibbles
+        torch.addcmul(offsets, pairs >> 4, scales, out=w[..., 0])
+        torch.addcmul(offsets, pairs & 15, scales, out=w[..., 1])
+        return w.view(N, K)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
