@@ -445,6 +445,9 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
             row["eval_loss"] = evaluate(net, eval_set, cfg.batch_size, d, amp)
         if done == total and eval_set is not None:
             row["eval_loss"] = evaluate(net, eval_set, cfg.batch_size, d, amp)
+        if metrics:  # before the checkpoint: a run resumed from it must find this step's row
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
             rng = [None] * d.world
             if d.world > 1:
@@ -454,9 +457,6 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
             weights, optimizer_state = whole_state(net, optimizer, sharded)
             if d.main:
                 save_checkpoint(out, done, weights, optimizer_state, rng, cfg)
-        if metrics:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
         if bar:
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
                             tok_s=f"{seen / max(row['elapsed_s'], 1e-9):.0f}")
