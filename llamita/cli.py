@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache rows)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context per row: prompt plus new tokens")
+    p.add_argument("--max-prefill-tokens", type=int, default=256,
+                   help="prompt tokens (padded) prefilled in one pass: a burst of prompts is spread over passes this size, so the first start sooner")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -202,7 +204,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llamita.serve import serve
 
     serve(load_llm(args), source=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_queue=args.max_queue, max_seq_len=args.max_seq_len)
+          max_queue=args.max_queue, max_seq_len=args.max_seq_len,
+          max_prefill_tokens=args.max_prefill_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

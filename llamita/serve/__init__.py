@@ -16,7 +16,7 @@ __all__ = ["Engine", "create_app", "serve"]
 
 
 def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (max_batch, max_queue, max_seq_len)."""
+    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (max_batch, max_queue, max_seq_len, max_prefill_tokens)."""
     import uvicorn
 
     name = Path(source).name if source else DEFAULT_MODEL_NAME

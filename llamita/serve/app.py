@@ -236,7 +236,7 @@ class EventStream(StreamingResponse):
 
 # -- the app ------------------------------------------------------------------------------------
 def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, max_batch: int = 16, max_queue: int = 64,
-               max_seq_len: int = 2048, max_prefill_tokens: int = 512,
+               max_seq_len: int = 2048, max_prefill_tokens: int = 256,
                max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server for one model; its engine thread runs while the app's lifespan does."""
     engine = Engine(llm.model, max_batch=max_batch, max_queue=max_queue, max_seq_len=max_seq_len,

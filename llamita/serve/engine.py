@@ -117,7 +117,7 @@ class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
     def __init__(self, model: Llama, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = 2048,
-                 max_prefill_tokens: int = 512):
+                 max_prefill_tokens: int = 256):
         for name, value, least in [("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                    ("max_seq_len", max_seq_len, 2), ("max_prefill_tokens", max_prefill_tokens, 1)]:
             if value < least:
