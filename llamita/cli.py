@@ -28,7 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: about a minute to start, then faster (docs/speed.md)")
+                   help="decode through torch.compile: about a minute to start the first time, ~8 s more than eager once "
+                        "torch's compile cache holds it, then faster (docs/speed.md)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
