@@ -121,7 +121,7 @@ class Int4Linear(nn.Module):
         scales = sz[..., 0].T[..., None]
         offsets = (sz[..., 1] - 8 * sz[..., 0]).T[..., None]
         pairs = codes.view(N, K // g, g // 2)
-        w = torch.empty(N, K // g, g // 2, 2)  # even columns in the high nibbles
+        w = torch.empty(N, K // g, g // 2, 2, device=codes.device)  # even columns in the high nibbles
         torch.addcmul(offsets, pairs >> 4, scales, out=w[..., 0])
         torch.addcmul(offsets, pairs & 15, scales, out=w[..., 1])
         return w.view(N, K)
