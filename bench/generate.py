@@ -4,6 +4,7 @@ and llama.cpp, all on the same model file, in one run.
     python bench/generate.py                        # the embedded default model, 2 threads
     python bench/generate.py --runs 5 --only llamita-int4,transformers-fp32
     python bench/generate.py --llama-cpp-python /path/to/venv/bin/python   # llama_cpp in another venv
+    python bench/generate.py --prefill-only --runs 8 --only llamita-fp32,llamita-int4,transformers-fp32
 
 Decode: batch 1, greedy, ``--new-tokens`` tokens after a short chat prompt, timed from the first
 new token to the last (the prompt's forward pass is not counted). Prefill: one forward pass over a
@@ -158,12 +159,17 @@ def llama_cpp_engine(path: Path, threads: int, python: str | None) -> Engine:
                   note="its own Q4_1 kernels")
 
 
-def run_once(engine: Engine, short: list[int], long: list[int], new_tokens: int) -> None:
-    stamps = engine.decode(short, new_tokens)
-    if len(stamps) != new_tokens:
-        raise RuntimeError(f"{engine.name}: produced {len(stamps)} tokens, asked for {new_tokens}")
-    engine.runs.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    engine.steps += [b - a for a, b in zip(stamps, stamps[1:])]
+def run_once(engine: Engine, short: list[int], long: list[int], new_tokens: int, decode: bool = True) -> None:
+    """Decode, then prefill; or, with ``decode`` False, an untimed prefill before the timed one, so
+    that each engine's prefill is measured warm whatever ran before it."""
+    if decode:
+        stamps = engine.decode(short, new_tokens)
+        if len(stamps) != new_tokens:
+            raise RuntimeError(f"{engine.name}: produced {len(stamps)} tokens, asked for {new_tokens}")
+        engine.runs.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        engine.steps += [b - a for a, b in zip(stamps, stamps[1:])]
+    else:
+        engine.prefill(long)
     t = time.perf_counter()
     engine.prefill(long)
     engine.prefills.append(len(long) / (time.perf_counter() - t))
@@ -200,6 +206,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-cpp-python", help="a Python that has llama_cpp (default: this one, when it has)")
     parser.add_argument("--only", help="comma-separated rows (default: all): " + ",".join(ROWS))
+    parser.add_argument("--prefill-only", action="store_true",
+                        help="no decoding; each timed prefill follows an untimed one of the same engine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -238,7 +246,7 @@ def main() -> None:
     for i in range(args.runs):
         for engine in engines:
             print(f"run {i + 1}/{args.runs}: {engine.name}", file=sys.stderr, flush=True)
-            run_once(engine, short, long, args.new_tokens)
+            run_once(engine, short, long, args.new_tokens, decode=not args.prefill_only)
     others = others_load(start, time.monotonic() - t0)
 
     print(f"- machine: {machine()}")
@@ -246,13 +254,15 @@ def main() -> None:
     print(f"- model: {path.name}")
     print(f"- command: `python {' '.join(sys.argv)}`")
     print(f"- other processes used {others:.0%} of the CPU during the runs")
-    print(f"- decode: batch 1, greedy, {args.new_tokens} new tokens after a {len(short)}-token prompt; "
-          f"prefill: a {len(long)}-token prompt; {args.runs} runs each\n")
+    decoding = ("no decoding, each timed prefill after an untimed one" if args.prefill_only else
+                f"decode: batch 1, greedy, {args.new_tokens} new tokens after a {len(short)}-token prompt")
+    print(f"- {decoding}; prefill: a {len(long)}-token prompt; {args.runs} runs each\n")
     print("| engine | decode tokens/s, median run (range) | decode tokens/s, median step | prefill tokens/s, median (range) | note |")
     print("| --- | --- | --- | --- | --- |")
     for e in engines:
-        print(f"| {e.name} | {statistics.median(e.runs):.1f} ({min(e.runs):.1f}-{max(e.runs):.1f}) "
-              f"| {1 / statistics.median(e.steps):.1f} "
+        decoded = (f"{statistics.median(e.runs):.1f} ({min(e.runs):.1f}-{max(e.runs):.1f}) "
+                   f"| {1 / statistics.median(e.steps):.1f}") if e.runs else "- | -"
+        print(f"| {e.name} | {decoded} "
               f"| {statistics.median(e.prefills):.0f} ({min(e.prefills):.0f}-{max(e.prefills):.0f}) | {e.note} |")
     for key, note in skipped:
         print(f"| {key} | - | - | - | {note} |")
