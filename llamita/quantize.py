@@ -102,7 +102,7 @@ class Int4Linear(nn.Module):
             sz = self.scales_and_zeros
             mm = torch._weight_int4pack_mm if self.is_cuda else torch._weight_int4pack_mm_for_cpu
             y = mm(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype), self.weight, self.group_size, sz)
-        else:  # a chunk of output features at a time: less memory, and MKL is faster on narrower weights here
+        else:  # a chunk of output features at a time, into one output: less memory than whole weights
             x2 = x2.float()
             y = x2.new_empty(x2.shape[0], self.out_features)
             for i in range(0, self.out_features, DEQUANTIZE_CHUNK):
@@ -117,9 +117,8 @@ class Int4Linear(nn.Module):
         to its float in one pass (``addcmul`` converts uint8 as it reads)."""
         codes = self.codes[start:stop]
         N, K, g = codes.shape[0], self.in_features, self.group_size
-        sz = self.scales_and_zeros[:, start:stop].float()  # [K/g, N, 2]
-        scales = sz[..., 0].T[..., None]
-        offsets = (sz[..., 1] - 8 * sz[..., 0]).T[..., None]
+        scales, zeros = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [K/g, N] each
+        scales, offsets = scales.T[..., None], (zeros - 8 * scales).T[..., None]
         pairs = codes.view(N, K // g, g // 2)
         w = torch.empty(N, K // g, g // 2, 2, device=codes.device)  # even columns in the high nibbles
         torch.addcmul(offsets, pairs >> 4, scales, out=w[..., 0])

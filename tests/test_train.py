@@ -103,6 +103,23 @@ def test_grad_checkpoint_and_accumulation_give_the_same_steps(base, data, tmp_pa
     assert a[0] != a[-1]
 
 
+def test_every_checkpoint_finds_its_steps_metrics_on_disk(base, data, tmp_path, monkeypatch):
+    """A run killed right after writing a checkpoint must resume with that step's metrics row, so
+    the row is on disk before the checkpoint is written."""
+    import llamita.train as train
+
+    seen = {}
+    write = train.save_checkpoint
+
+    def save_checkpoint(out, step, *args, **kwargs):
+        seen[step] = [r["step"] for r in train.read_metrics(out)]
+        return write(out, step, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_checkpoint)
+    llamita.finetune(base, data, tmp_path / "run", steps=6, save_every=2, **FAST)
+    assert seen == {2: [1, 2], 4: [1, 2, 3, 4]}
+
+
 def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
     args = [sys.executable, "-m", "llamita", "finetune", str(base), "--data", str(data), "--steps", "60",
             "--save-every", "5", "--keep-last", "2", "--lr", "1e-2", "--warmup", "3", "--batch-size", "3",
