@@ -31,7 +31,8 @@ from typing import Callable
 
 import torch
 
-ROWS = ["llamita-fp32", "llamita-bf16", "llamita-int4", "llamita-int4-compile", "transformers-fp32", "llama.cpp"]
+ROWS = ["llamita-fp32", "llamita-bf16", "llamita-fp16", "llamita-int4", "llamita-int4-compile", "transformers-fp32",
+        "llama.cpp"]
 CHAT_PROMPT = "What is the capital of France? Answer in a few sentences and tell me about its history."
 
 
@@ -50,11 +51,13 @@ class Engine:
 
 
 def llamita_engine(source: str | None, kind: str, compile: bool = False) -> Engine:
-    """float32 / bfloat16 weights, or int4 linear layers with bfloat16 activations; ``compile``:
-    decoding steps through torch.compile, as ``LLM.load(compile=True)`` runs them."""
+    """float32 / bfloat16 weights, float16 linear layers (``--quantize float16``), or int4 ones with
+    bfloat16 activations; ``compile``: decoding steps through torch.compile, as
+    ``LLM.load(compile=True)`` runs them."""
     from llamita.generate import LLM, cache_size_for, decode_step, prefill
 
-    dtype, quantize = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int4": (None, "int4")}[kind]
+    dtype, quantize = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "fp16": (None, "float16"),
+                       "int4": (None, "int4")}[kind]
     llm = LLM.load(source, dtype=dtype, quantize=quantize, compile=compile)
     model = llm.model
 
@@ -225,6 +228,7 @@ def main() -> None:
     makers: dict[str, Callable[[], Engine]] = {  # keys: ROWS
         "llamita-fp32": lambda: llamita_engine(args.source, "fp32"),
         "llamita-bf16": lambda: llamita_engine(args.source, "bf16"),
+        "llamita-fp16": lambda: llamita_engine(args.source, "fp16"),
         "llamita-int4": lambda: llamita_engine(args.source, "int4"),
         "llamita-int4-compile": lambda: llamita_engine(args.source, "int4", compile=True),
         "transformers-fp32": lambda: transformers_engine(path),

@@ -20,8 +20,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights' dtype (default: the checkpoint's; float32 for quantized GGUF)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--quantize", choices=["int4"], default=None,
-                   help="int4: 4-bit weight-only layers, q/k/v and gate/up fused, screened output layer (fastest on CPU)")
+    p.add_argument("--quantize", choices=["int4", "float16"], default=None,
+                   help="int4: 4-bit weight-only layers (the fastest single stream on CPU); float16: float16 "
+                        "weights computed in float32 (CPU, the fastest for batches and `serve`)")
     p.add_argument("--template", default="auto", help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT's format) to apply to the model")
 

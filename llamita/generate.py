@@ -184,21 +184,26 @@ class LLM:
              device: str | torch.device = "cpu", quantize: str | None = None, template: str = "auto",
              adapter: str | Path | None = None, compile: bool = False) -> "LLM":
         """``quantize="int4"``: 4-bit weight-only linear layers (``quantize_int4``), the fast
-        path for decoding on CPU. The weights are quantized from the checkpoint's own dtype
-        (float32 for a quantized GGUF, whose Q4_1 codes then come back exactly). ``compile``:
+        path for decoding on CPU, quantized from the checkpoint's own dtype (float32 for a
+        quantized GGUF, whose Q4_1 codes then come back exactly). ``quantize="float16"``: float16
+        weights computed in float32 (``quantize_float16``, CPU), the fast path for batches and
+        for serving. ``compile``:
         decoding steps through torch.compile (``compile_decoding``): a minute's wait on first
         use, then the fastest decoding (docs/speed.md)."""
-        if quantize not in (None, "int4"):
-            raise LlamitaError(f"unknown quantization {quantize!r} (known: int4)")
+        if quantize not in (None, "int4", "float16"):
+            raise LlamitaError(f"unknown quantization {quantize!r} (known: int4, float16)")
+        if compile and quantize == "float16":
+            raise LlamitaError("--compile cannot trace float16 layers (fbgemm's packed weights): drop --compile, "
+                               "or use --quantize int4")
         model = load_model(source, dtype=dtype, device=device)
         if adapter is not None:  # folded into the weights: decoding runs at the base model's speed
             from llamita.lora import load_adapter
 
             load_adapter(model, adapter, merge=True)
         if quantize:
-            from llamita.quantize import quantize_int4
+            from llamita.quantize import quantize_float16, quantize_int4
 
-            quantize_int4(model)
+            {"int4": quantize_int4, "float16": quantize_float16}[quantize](model)
         return cls(model, load_tokenizer(source), template, compile)
 
     # -- requests ------------------------------------------------------------------------------
