@@ -16,6 +16,7 @@ from llamita.config import Config
 from llamita import LlamitaError
 from llamita.generate import LLM, cache_size_for, compile_decoding, decode_step
 from llamita.model import Llama
+from test_generate import run_cli
 from llamita.quantize import (DEQUANTIZE_FROM_ROWS, Float16Linear, Int4Linear, ScreenedLMHead, group_quantize,
                               q4_1_tensors, quantize_float16, quantize_int4)
 
@@ -260,10 +261,15 @@ def test_float16_model_matches_transformers(float16_model, hf_default_model, smo
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.97
 
 
-def test_float16_llm_batches_and_decodes_like_transformers(default_gguf, hf_default_model):
+@pytest.fixture(scope="module")
+def float16_llm(default_gguf):
+    return LLM.load(default_gguf, quantize="float16")
+
+
+def test_float16_llm_batches_and_decodes_like_transformers(float16_llm, hf_default_model):
     """LLM.load(quantize="float16"): greedy text as transformers' float32 model gives it, and the
     same in a batch (the server's path) as alone."""
-    llm = LLM.load(default_gguf, quantize="float16")
+    llm = float16_llm
     prompts = ["The capital of France is", "Once upon a time, in a small village,"]
     batched = llm.generate_batch(prompts, temperature=0, max_new_tokens=16)
     assert batched == [llm.generate(p, temperature=0, max_new_tokens=16) for p in prompts]
@@ -278,3 +284,12 @@ def test_float16_refuses_what_it_cannot_do(default_gguf):
         LLM.load(default_gguf, quantize="float16", compile=True)
     with pytest.raises(LlamitaError, match="known: int4, float16"):
         LLM.load(default_gguf, quantize="int8")
+
+
+def test_cli_quantize_float16(float16_llm):
+    out = run_cli("generate", "The capital of France is", "--quantize", "float16", "--temperature", "0",
+                  "--max-new-tokens", "12")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == float16_llm.generate("The capital of France is", temperature=0, max_new_tokens=12) + "\n"
+    out = run_cli("generate", "Hi", "--quantize", "float16", "--compile")
+    assert out.returncode != 0 and "--compile cannot trace float16" in out.stderr and "Traceback" not in out.stderr
