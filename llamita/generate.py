@@ -187,9 +187,8 @@ class LLM:
         path for decoding on CPU, quantized from the checkpoint's own dtype (float32 for a
         quantized GGUF, whose Q4_1 codes then come back exactly). ``quantize="float16"``: float16
         weights computed in float32 (``quantize_float16``, CPU), the fast path for batches and
-        for serving. ``compile``:
-        decoding steps through torch.compile (``compile_decoding``): a minute's wait on first
-        use, then the fastest decoding (docs/speed.md)."""
+        for serving. ``compile``: decoding steps through torch.compile (``compile_decoding``): a
+        minute's wait on first use, then the fastest decoding (docs/speed.md)."""
         if quantize not in (None, "int4", "float16"):
             raise LlamitaError(f"unknown quantization {quantize!r} (known: int4, float16)")
         if compile and quantize == "float16":

@@ -74,7 +74,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.dim, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=False)
-        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, set by quantize_int4
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one matmul, set by quantize.replace_linears
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, input_pos: Tensor, mask: Tensor | None,
@@ -106,7 +106,7 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
         self.up_proj = nn.Linear(c.dim, c.hidden_dim, bias=False)
         self.down_proj = nn.Linear(c.hidden_dim, c.dim, bias=False)
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, set by quantize_int4
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, set by quantize.replace_linears
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gate_up_proj is not None:
@@ -201,7 +201,7 @@ class Llama(nn.Module):
             # Prompts from position 0 are plain causal, which SDPA runs faster without a mask.
             if not (T > 1 and length == T and bool((input_pos == torch.arange(T, device=device)).all())):
                 mask = torch.arange(length, device=device) <= input_pos[:, None, :, None]
-        # A no-op unless quantize_int4 left the embedding 16-bit under a float32 body.
+        # A no-op unless quantize_int4/_float16 left the embedding 16-bit under a float32 body.
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, input_pos, mask, length, cache_rows)
