@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import datetime
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -39,9 +40,15 @@ NAMES = ["Ada", "Bruno", "Chloe", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "
          "Mira", "Nils", "Olga", "Pablo"]
 
 
+SENT = itertools.count()  # numbers every prompt sent
+
+
 def prompt(i: int) -> str:
-    return (f"{NAMES[i % len(NAMES)]} lived in a small village by the sea. Every morning, before the sun "
-            "rose, she walked down to the harbour to watch the fishing boats come in. One day,")
+    """Client i's prompt, opened by a number of its own, so that a server can reuse at most a token
+    or two of an earlier request's cached prompt (both would reuse a whole repeated prompt:
+    llamita by cache row, llama.cpp its last prompt's)."""
+    return (f"Story {next(SENT)}. {NAMES[i % len(NAMES)]} lived in a small village by the sea. Every morning, "
+            "before the sun rose, she walked down to the harbour to watch the fishing boats come in. One day,")
 
 
 @dataclass

@@ -102,15 +102,24 @@ class Request:
         return text
 
 
-def prefill(model: Llama, requests: list[Request], rows: Tensor | None = None) -> Tensor:
-    """Run the prompts (right-padded together) into the cache; logits [n, vocab] at each one's end."""
+def prefill(model: Llama, requests: list[Request], rows: Tensor | None = None,
+            cached: list[int] | None = None) -> Tensor:
+    """Run the prompts (right-padded together) into the cache; logits [n, vocab] at each one's end.
+
+    ``cached``: per request, how many of its first prompt tokens its cache row already holds (a
+    prefix it shares with an earlier request there): only the rest is run, from that position.
+    """
     device = model.embed_tokens.weight.device
-    lengths = [len(r.prompt_ids) for r in requests]
-    ids = torch.zeros(len(requests), max(lengths), dtype=torch.long)
-    for i, r in enumerate(requests):
-        ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
-    last = torch.tensor(lengths, device=device) - 1
-    logits = model(ids.to(device), torch.arange(ids.shape[1], device=device), logits_at=last, cache_rows=rows)
+    cached = cached or [0] * len(requests)
+    rests = [r.prompt_ids[n:] for r, n in zip(requests, cached)]
+    ids = torch.zeros(len(requests), max(map(len, rests)), dtype=torch.long)
+    for i, rest in enumerate(rests):
+        ids[i, : len(rest)] = torch.tensor(rest)
+    positions = torch.arange(ids.shape[1])
+    if any(cached):  # padding past the cache's end writes (to be overwritten) in its last slot
+        positions = (torch.tensor(cached)[:, None] + positions).clamp(max=model.cache_size - 1)
+    last = torch.tensor([len(rest) - 1 for rest in rests], device=device)
+    logits = model(ids.to(device), positions.to(device), logits_at=last, cache_rows=rows)
     return logits[:, 0]
 
 

@@ -2,7 +2,9 @@
 
 One background thread owns the model. Each turn of its loop admits waiting requests into free
 cache rows (one prefill for all of them), then runs a single ``decode_step`` for every running
-request at once, each at its own position. A request that arrives mid-generation joins the batch
+request at once, each at its own position. A row keeps what its last request left in the cache,
+so a request that starts the same way (a chat's next turn, a shared system prompt) goes to that
+row and runs only the rest of its prompt. A request that arrives mid-generation joins the batch
 at the next turn; one that finishes or is cancelled frees its row at the next turn. The pieces it
 drives are ``generate``'s own (``prefill``, ``decode_step``, ``Request``): the engine only schedules.
 
@@ -25,6 +27,16 @@ import torch
 from llamita.errors import LlamitaError
 from llamita.generate import Request, decode_step, prefill
 from llamita.model import Llama
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class QueueFull(Exception):
@@ -99,6 +111,7 @@ class Metrics:
     decode_steps: int = 0  # decoding forward passes (one per turn, whatever the batch size)
     prefills: int = 0  # prefill forward passes (one per turn that admitted requests)
     prompt_tokens: int = 0
+    prompt_tokens_cached: int = 0  # of those, already in the request's cache row: not run again
     generated_tokens: int = 0
     outcomes: collections.Counter = field(default_factory=collections.Counter)  # stop/length/cancelled/...
     ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
@@ -128,6 +141,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.rows: list[Job | None] = [None] * max_batch
+        self.held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens in each free row's cache
         self.waiting: collections.deque[Job] = collections.deque()
         self.metrics = Metrics()
         self._wake = threading.Condition()
@@ -197,38 +211,58 @@ class Engine:
             return not self._stopping
 
     def _admit(self) -> None:
-        """Move waiting requests into free rows (lowest first, so the decoded slice stays short) and
-        prefill them together. One big prefill is the most efficient, but it stalls the running
-        streams, so a turn takes at most ``max_prefill_tokens`` (padded) of prompts: long ones are
-        spread over a few turns, with decode steps between them."""
+        """Move waiting requests into free rows and prefill them together. One big prefill is the
+        most efficient, but it stalls the running streams, so a turn takes at most
+        ``max_prefill_tokens`` (padded) of prompts to run: long ones are spread over a few turns,
+        with decode steps between them."""
         admitted: list[tuple[int, Job]] = []
+        cached: list[int] = []
         with self._wake:
             free = [row for row, job in enumerate(self.rows) if job is None]
             longest = 0
-            while self.waiting and len(admitted) < len(free):
-                longest = max(longest, len(self.waiting[0].request.prompt_ids))
+            while self.waiting and free:
+                row, n = self._row_for(self.waiting[0].request.prompt_ids, free)
+                longest = max(longest, len(self.waiting[0].request.prompt_ids) - n)
                 if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
                     break
-                admitted.append((free[len(admitted)], self.waiting.popleft()))
+                free.remove(row)
+                admitted.append((row, self.waiting.popleft()))
+                cached.append(n)
             for row, job in admitted:
                 self.rows[row] = job
+                self.held[row] = []
         if not admitted:
             return
         requests = [job.request for _, job in admitted]
-        logits = prefill(self.model, requests, rows=torch.tensor([row for row, _ in admitted], device=self._device))
+        rows = torch.tensor([row for row, _ in admitted], device=self._device)
+        logits = prefill(self.model, requests, rows=rows, cached=cached)
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+        self.metrics.prompt_tokens_cached += sum(cached)
         now = time.perf_counter()
         for _, job in admitted:
             self.metrics.observe_ttft(now - job.stream.created)
         self._sample(admitted, logits)
 
+    def _row_for(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
+        """The free row whose cache holds the longest start of ``prompt``, and how many tokens of
+        it (all but the last, which must run to give logits); failing that, an empty row, then the
+        lowest (so that the decoded slice of rows stays short)."""
+        best, n = min(free, key=lambda row: (bool(self.held[row]), row)), 0
+        for row in free:
+            shared = common_prefix(prompt, self.held[row])
+            if shared > n:
+                best, n = row, shared
+        return best, min(n, len(prompt) - 1)
+
     def _decode(self) -> None:
         """One forward pass for every running request. Rows past the last busy one are left out;
-        idle rows below it are fed a dummy token at position 0 (slicing the cache beats gathering)."""
+        idle rows below it are fed their own first token at position 0, which leaves their cache
+        as it was (slicing the cache beats gathering)."""
         n = max(row for row, job in enumerate(self.rows) if job is not None) + 1
         running = [(row, job) for row, job in enumerate(self.rows[:n]) if job is not None]
-        tokens, positions = [0] * n, [0] * n
+        tokens = [held[0] if held else 0 for held in self.held[:n]]
+        positions = [0] * n
         for row, job in running:
             tokens[row], positions[row] = job.request.output_ids[-1], job.request.position
         logits = decode_step(self.model, tokens, positions)
@@ -249,6 +283,9 @@ class Engine:
                     self._finish(row, r.finish_reason)
 
     def _finish(self, row: int, outcome: str) -> None:
+        # What the row's cache holds now; the last token was sampled, never fed. After an error, nothing.
+        r = self.rows[row].request
+        self.held[row] = [] if outcome == "error" else r.prompt_ids + r.output_ids[:-1]
         self.rows[row] = None
         self.metrics.outcomes[outcome] += 1
 
@@ -280,7 +317,9 @@ class Engine:
               for k in ("stop", "length", "cancelled", "rejected", "error")),
         ]
         for name, kind, value, doc in [
-            ("prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens prefilled."),
+            ("prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens of admitted requests."),
+            ("prompt_tokens_cached_total", "counter", m.prompt_tokens_cached,
+             "Prompt tokens already in the request's KV-cache row (a prefix shared with the row's last request)."),
             ("generated_tokens_total", "counter", m.generated_tokens, "Tokens sampled."),
             ("decode_steps_total", "counter", m.decode_steps, "Decoding forward passes (one per step, whole batch)."),
             ("prefills_total", "counter", m.prefills, "Prefill forward passes."),
