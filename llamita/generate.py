@@ -2,8 +2,9 @@
 
 A ``Request`` holds everything one generation needs (prompt, sampling, stop rules, the text
 emitted so far). ``prefill`` and ``decode_step`` run the model for a set of requests, each in its
-own KV-cache row at its own position; ``generate`` drives them to the end. The server's engine
-drives the same three pieces for requests that come and go.
+own KV-cache row at its own position; ``complete`` drives them to the end in the cache as it is,
+``generate`` in a cache of its own. The server's engine drives the same pieces for requests that
+come and go.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import Tensor
 from llamita.chat import Message, encode_chat, stop_token_ids
 from llamita.errors import LlamitaError
 from llamita.formats import load_model
-from llamita.model import Llama
+from llamita.model import KVCache, Llama
 from llamita.sampling import SamplingParams, sample
 from llamita.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
@@ -151,31 +152,50 @@ def cache_size_for(tokens: int, max_seq_len: int, compiled: bool) -> int:
     return min(tokens, max_seq_len)
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def generate(model: Llama, requests: list[Request],
              forward: Callable[..., Tensor] | None = None) -> Iterator[tuple[int, str]]:
-    """Run requests together to the end, yielding (request index, new text) as text appears.
-
-    Finished rows stay in the batch (fed their last token) so that the cache is sliced, never
-    gathered; their outputs are ignored. ``forward``: a compiled decoding step (``compile_decoding``).
-    """
-    max_seq_len = model.config.max_seq_len
+    """Run requests together to the end in a KV cache allocated for them (and freed after),
+    yielding (request index, new text) as text appears. ``forward``: a compiled decoding step
+    (``compile_decoding``)."""
     longest = max(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
-    model.setup_cache(len(requests), cache_size_for(longest, max_seq_len, forward is not None))
+    model.setup_cache(len(requests), cache_size_for(longest, model.config.max_seq_len, forward is not None))
     try:
-        with torch.inference_mode():
-            logits = prefill(model, requests)
-            while True:
-                for i, r in enumerate(requests):
-                    if r.finish_reason is None:
-                        text = r.accept(r.next_token(logits[i]), max_seq_len)
-                        if text:
-                            yield i, text
-                if all(r.finish_reason for r in requests):
-                    return
-                tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
-                logits = decode_step(model, tokens, [r.position for r in requests], forward=forward)
+        yield from complete(model, requests, forward)
     finally:
         model.clear_cache()
+
+
+def complete(model: Llama, requests: list[Request], forward: Callable[..., Tensor] | None = None,
+             cached: list[int] | None = None) -> Iterator[tuple[int, str]]:
+    """``generate`` in the model's KV cache as it stands, whose first rows must have room for the
+    requests; ``cached``: how many prompt tokens each row already holds (see ``prefill``).
+
+    Finished rows stay in the batch (fed their last token) so that the cache is sliced, never
+    gathered; their outputs are ignored.
+    """
+    max_seq_len = model.config.max_seq_len
+    with torch.inference_mode():
+        logits = prefill(model, requests, cached=cached)
+        while True:
+            for i, r in enumerate(requests):
+                if r.finish_reason is None:
+                    text = r.accept(r.next_token(logits[i]), max_seq_len)
+                    if text:
+                        yield i, text
+            if all(r.finish_reason for r in requests):
+                return
+            tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
+            logits = decode_step(model, tokens, [r.position for r in requests], forward=forward)
 
 
 class LLM:
@@ -187,6 +207,8 @@ class LLM:
         self.template = template
         self.stop_ids = frozenset(stop_token_ids(tokenizer, template))
         self.forward = compile_decoding(model) if compile else None
+        self._caches: list[KVCache] | None = None  # _run_one's KV cache (one per layer), kept between calls
+        self._held: list[int] = []  # the tokens whose keys and values it holds
 
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
@@ -238,14 +260,14 @@ class LLM:
     # -- text in, text out -----------------------------------------------------------------------
     def stream(self, prompt: str, **options) -> Iterator[str]:
         """The continuation of ``prompt``, chunk by chunk as it is generated."""
-        yield from (text for _, text in generate(self.model, [self.request(self.encode(prompt), **options)], self.forward))
+        yield from self._run_one(self.request(self.encode(prompt), **options))
 
     def generate(self, prompt: str, **options) -> str:
         return "".join(self.stream(prompt, **options))
 
     def stream_chat(self, messages: list[Message], **options) -> Iterator[str]:
         """The assistant's reply to ``messages`` ({"role", "content"} dicts), chunk by chunk."""
-        yield from (text for _, text in generate(self.model, [self.request(self.encode_chat(messages), **options)], self.forward))
+        yield from self._run_one(self.request(self.encode_chat(messages), **options))
 
     def chat(self, messages: list[Message], **options) -> str:
         return "".join(self.stream_chat(messages, **options))
@@ -256,6 +278,26 @@ class LLM:
 
     def chat_batch(self, conversations: list[list[Message]], **options) -> list[str]:
         return self._run_batch([self.request(self.encode_chat(m), **options) for m in conversations])
+
+    def _run_one(self, request: Request) -> Iterator[str]:
+        """One request in a KV cache that this LLM keeps from call to call (the model holds it only
+        during the call): a prompt that starts like the last one's prompt and reply, a chat's next
+        turn, runs only its new tokens. The cache is sized in powers of two (``cache_size_for``),
+        so it is rarely outgrown and set up again."""
+        model, need = self.model, len(request.prompt_ids) + request.params.max_new_tokens
+        size = cache_size_for(need, model.config.max_seq_len, compiled=True)
+        if self._caches is None or self._caches[0].k.shape[2] < size:
+            model.setup_cache(1, size)
+            self._caches, self._held = [layer.self_attn.kv_cache for layer in model.layers], []
+        for layer, cache in zip(model.layers, self._caches):
+            layer.self_attn.kv_cache = cache
+        cached = min(common_prefix(request.prompt_ids, self._held), len(request.prompt_ids) - 1)
+        self._held = []  # unknown until this request is done
+        try:
+            yield from (text for _, text in complete(model, [request], self.forward, cached=[cached]))
+            self._held = request.prompt_ids + request.output_ids[:-1]  # the last token was sampled, never fed
+        finally:
+            model.clear_cache()
 
     def _run_batch(self, requests: list[Request]) -> list[str]:
         if not requests:

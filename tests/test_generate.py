@@ -53,6 +53,26 @@ def test_batch_equals_single(default_llm):
                      for p in ["Once upon a time", "The capital of Italy is"]]
 
 
+def test_chat_next_turn_runs_only_its_new_tokens(default_llm):
+    """An LLM keeps its KV cache between calls (the model holds none in between): a chat's next
+    turn feeds the model only what the cache lacks, and answers as ``generate`` in a fresh cache."""
+    llm = LLM(default_llm.model, default_llm.tokenizer)  # a cache of its own
+    first = [{"role": "user", "content": "Name a large animal that lives in the Andes."}]
+    second = first + [{"role": "assistant", "content": llm.chat(first, temperature=0, max_new_tokens=12)},
+                      {"role": "user", "content": "And a small one?"}]
+    fed = []
+    hook = llm.model.register_forward_pre_hook(lambda module, args: fed.append(args[0].shape[1]))
+    try:
+        reply = llm.chat(second, temperature=0, max_new_tokens=12)
+    finally:
+        hook.remove()
+    assert not llm.model.has_cache
+    prompt = llm.encode_chat(second)
+    assert fed[0] <= len(prompt) - len(llm.encode_chat(first))  # the prefill: the new turn only
+    fresh = llm.request(prompt, temperature=0, max_new_tokens=12)
+    assert reply == "".join(text for _, text in generate(llm.model, [fresh]))
+
+
 def test_same_seed_same_text(default_llm):
     kw = dict(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=20)
     a = default_llm.chat(CHATS[2], seed=7, **kw)

@@ -25,18 +25,8 @@ from typing import AsyncIterator
 import torch
 
 from llamita.errors import LlamitaError
-from llamita.generate import Request, decode_step, prefill
+from llamita.generate import Request, common_prefix, decode_step, prefill
 from llamita.model import Llama
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many tokens ``a`` and ``b`` share from the start."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class QueueFull(Exception):
