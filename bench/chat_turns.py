@@ -19,7 +19,6 @@ import datetime
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generate import cpu_ticks, machine, others_load  # noqa: E402  (the sibling bench's helpers)
+from generate import add_engine_args, cpu_ticks, gguf_file, machine, others_load, start_child  # noqa: E402  (the sibling bench's helpers)
 
 ROWS = ["llamita-fp32", "llamita-int4", "llamita-fp16", "transformers-fp32", "llama.cpp"]
 SECOND_TURN = "Now say it again in Spanish, please."
@@ -98,15 +97,7 @@ for line in sys.stdin:
 
 
 def llama_cpp_chat(path: Path, threads: int, python: str | None) -> tuple[Chat, str]:
-    import importlib.util
-
-    if python is None:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise ImportError(name="llama_cpp")
-        python = sys.executable
-    child = subprocess.Popen([python, "-c", LLAMA_CPP_CHILD, str(path), str(threads)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    version = json.loads(child.stdout.readline())
+    child, version = start_child(LLAMA_CPP_CHILD, path, threads, python)
 
     def chat(messages: list[dict], n: int) -> tuple[float, str]:
         child.stdin.write(json.dumps({"messages": messages, "n": n}) + "\n")
@@ -122,19 +113,13 @@ def main() -> None:
     parser.add_argument("--source", help="model: a .gguf file (default: the embedded default model)")
     parser.add_argument("--document-tokens", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llama-cpp-python", help="a Python that has llama_cpp (default: this one, when it has)")
-    parser.add_argument("--only", help="comma-separated rows (default: all): " + ",".join(ROWS))
+    add_engine_args(parser, ROWS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llamita.formats import detect
     from llamita.tokenizer import load_tokenizer
 
-    fmt, path = detect(args.source)
-    if fmt != "gguf":
-        parser.error("this bench compares engines on one GGUF file")
+    path = gguf_file(parser, args.source)
     tokenizer = load_tokenizer(args.source)
     words = " ".join(Path(p).read_text() for p in sorted(Path(__file__).parent.glob("*.py"))).split()
     document = tokenizer.decode(tokenizer.encode(" ".join(words))[: args.document_tokens])

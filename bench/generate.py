@@ -140,18 +140,24 @@ for line in sys.stdin:
 """
 
 
-def llama_cpp_engine(path: Path, threads: int, python: str | None) -> Engine:
-    """llama.cpp through llama-cpp-python (``python``: an interpreter that has it), on the
-    file's own quantized weights."""
+def start_child(code: str, path: Path, threads: int, python: str | None) -> tuple[subprocess.Popen, str]:
+    """A child running llama-cpp-python ``code`` on ``path`` (in ``python``, an interpreter that has
+    llama_cpp; default: this one, if it has), and the version it reports on its first line."""
     import importlib.util
 
     if python is None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise ImportError(name="llama_cpp")
         python = sys.executable
-    child = subprocess.Popen([python, "-c", LLAMA_CPP_CHILD, str(path), str(threads)],
+    child = subprocess.Popen([python, "-c", code, str(path), str(threads)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    version = json.loads(child.stdout.readline())
+    return child, json.loads(child.stdout.readline())
+
+
+def llama_cpp_engine(path: Path, threads: int, python: str | None) -> Engine:
+    """llama.cpp through llama-cpp-python (``python``: an interpreter that has it), on the
+    file's own quantized weights."""
+    child, version = start_child(LLAMA_CPP_CHILD, path, threads, python)
 
     def ask(prompt: list[int], n: int):
         child.stdin.write(json.dumps({"prompt": prompt, "n": n}) + "\n")
@@ -200,26 +206,38 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores ({isa}), {torch.get_num_threads()} torch threads"
 
 
+def add_engine_args(parser: argparse.ArgumentParser, rows: list[str]) -> None:
+    """The flags every side-by-side bench takes: runs, threads, where llama_cpp lives, which rows."""
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--llama-cpp-python", help="a Python that has llama_cpp (default: this one, when it has)")
+    parser.add_argument("--only", help="comma-separated rows (default: all): " + ",".join(rows))
+
+
+def gguf_file(parser: argparse.ArgumentParser, source: str | None) -> Path:
+    """The GGUF file every engine loads (``source`` or the default model); anything else: a usage error."""
+    from llamita.formats import detect
+
+    fmt, path = detect(source)
+    if fmt != "gguf":
+        parser.error("this bench compares engines on one GGUF file")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", help="model: a .gguf file (default: the embedded default model)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--llama-cpp-python", help="a Python that has llama_cpp (default: this one, when it has)")
-    parser.add_argument("--only", help="comma-separated rows (default: all): " + ",".join(ROWS))
+    add_engine_args(parser, ROWS)
     parser.add_argument("--prefill-only", action="store_true",
                         help="no decoding; each timed prefill follows an untimed one of the same engine")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from llamita.formats import detect
     from llamita.tokenizer import load_tokenizer
 
-    fmt, path = detect(args.source)
-    if fmt != "gguf":
-        parser.error("this bench compares engines on one GGUF file")
+    path = gguf_file(parser, args.source)
     tokenizer = load_tokenizer(args.source)
     short = tokenizer.encode(CHAT_PROMPT, bos=tokenizer.add_bos)
     text = " ".join(Path(__file__).read_text().split())  # any real text: the cost does not depend on it
