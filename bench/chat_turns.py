@@ -46,7 +46,7 @@ def timed(chunks) -> tuple[float, str]:
 
 
 def llamita_chat(source: str | None, quantize: str | None) -> Chat:
-    from llamita.generate import LLM
+    from llamita.llm import LLM
 
     llm = LLM.load(source, quantize=quantize)
     return lambda messages, n: timed(llm.stream_chat(messages, temperature=0, max_new_tokens=n))

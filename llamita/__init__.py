@@ -4,7 +4,7 @@ from llamita.chat import encode_chat
 from llamita.config import Config
 from llamita.errors import LlamitaError
 from llamita.formats import load_model, save_model
-from llamita.generate import LLM
+from llamita.llm import LLM
 from llamita.model import Llama
 from llamita.sampling import SamplingParams
 from llamita.tokenizer import load_tokenizer

@@ -50,7 +50,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def load_llm(args: argparse.Namespace):
     import torch
 
-    from llamita.generate import LLM
+    from llamita.llm import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if getattr(args, "compile", False):
@@ -152,7 +152,7 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
-    from llamita.lora import merge
+    from llamita.formats.export import merge
 
     merge(args.base, args.adapter, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llamita.config import Config
+from llamita import layout
 from llamita.errors import LlamitaError
+from llamita.formats.gguf import q4_1_tensors
 from llamita.model import Llama
 
 
@@ -183,42 +184,12 @@ class ScreenedLMHead(nn.Module):
         return logits.scatter_(-1, top, exact)
 
 
-def q4_1_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
-    """(llamita module name, codes, scales, zeros) for each Q4_1 tensor of a GGUF file, one by one;
-    q/k rows are permuted to the rotate-half layout, as ``load_model`` does to the float weights."""
-    import gguf
-
-    from llamita.formats import interleaved_to_half
-    from llamita.formats.gguf import llamita_name, open_gguf
-
-    path = Path(path)
-    for t in open_gguf(path).tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or (name := llamita_name(t.name, path)) is None:
-            continue
-        N, K = int(t.shape[1]), int(t.shape[0])
-        # A block: d and m (float16), then 16 bytes: weights 0..15 in the low nibbles, 16..31 in the high.
-        blocks = torch.from_numpy(np.array(t.data)).reshape(N, K // 32, 20)
-        d, m = blocks[..., :4].contiguous().view(torch.float16).float().unbind(-1)
-        qs = blocks[..., 4:].to(torch.int32)
-        codes, scales, zeros = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K), d, m + 8 * d
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = config.n_heads if "q_proj" in name else config.n_kv_heads
-            codes, scales, zeros = (interleaved_to_half(x, heads) for x in (codes, scales, zeros))
-        yield name.removesuffix(".weight"), codes, scales, zeros
-
-
-def replace_linears(model: Llama, make: Callable[..., nn.Module]) -> None:
-    """Replace each block's linear layers, in place, with ``make(module, prefix, *names)``, which
-    builds one layer from those of ``module``'s linears named: q/k/v and gate/up are fused into one
-    layer each (fewer, larger matmuls: decoding pays per call)."""
-    for i, layer in enumerate(model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = make(attn, f"layers.{i}.self_attn", "q_proj", "k_proj", "v_proj")
-        attn.o_proj = make(attn, f"layers.{i}.self_attn", "o_proj")
-        attn.q_proj = attn.k_proj = attn.v_proj = None
-        mlp.gate_up_proj = make(mlp, f"layers.{i}.mlp", "gate_proj", "up_proj")
-        mlp.down_proj = make(mlp, f"layers.{i}.mlp", "down_proj")
-        mlp.gate_proj = mlp.up_proj = None
+def replace_linears(model: Llama, make: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Replace each block's linear layers, in place, with ``make(name, linear)``."""
+    for name, module in list(model.layers.named_modules(prefix="layers")):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, make(name, module))
 
 
 def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path | None = None,
@@ -239,18 +210,19 @@ def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path |
         stored = {name: (codes.to(torch.uint8), scales, zeros)  # a byte a code until packed
                   for name, codes, scales, zeros in q4_1_tensors(gguf_path, model.config)}
 
-    def int4(module: nn.Module, prefix: str, *names: str) -> Int4Linear:
-        parts = []
-        for name in names:
-            w = getattr(module, name).weight
-            if f"{prefix}.{name}" in stored:
-                codes, scales, zeros = stored[f"{prefix}.{name}"]
+    def int4(name: str, linear: nn.Linear) -> Int4Linear:
+        """The layer's stored Q4_1 codes where the file has them (part by part: q/k/v, gate/up)."""
+        pieces = []
+        for part, start, stop in layout.parts(model.config, name):
+            w = linear.weight[start:stop] if stop > 0 else linear.weight
+            if part in stored:
+                codes, scales, zeros = stored[part]
                 if codes.shape != w.shape:
-                    raise ValueError(f"{gguf_path}: {prefix}.{name} has shape {tuple(codes.shape)}, the model {tuple(w.shape)}")
-                parts.append((codes.to(w.device), scales.to(w.device), zeros.to(w.device)))
+                    raise ValueError(f"{gguf_path}: {part} has shape {tuple(codes.shape)}, the model {tuple(w.shape)}")
+                pieces.append((codes.to(w.device), scales.to(w.device), zeros.to(w.device)))
             else:
-                parts.append(group_quantize(w, group_size))
-        return Int4Linear.from_codes(*(torch.cat(x) for x in zip(*parts)), group_size, dtype=dtype)
+                pieces.append(group_quantize(w, group_size))
+        return Int4Linear.from_codes(*(torch.cat(x) for x in zip(*pieces)), group_size, dtype=dtype)
 
     replace_linears(model, int4)
     cuda = model.lm_head.weight.is_cuda
@@ -272,10 +244,7 @@ def quantize_float16(model: Llama) -> Llama:
         raise LlamitaError("quantize='float16' needs fbgemm (x86 CPUs); this torch has "
                            f"{torch.backends.quantized.supported_engines}: use --quantize int4")
 
-    def float16(module: nn.Module, prefix: str, *names: str) -> Float16Linear:
-        return Float16Linear(torch.cat([getattr(module, name).weight for name in names]))
-
-    replace_linears(model, float16)
+    replace_linears(model, lambda name, linear: Float16Linear(linear.weight))
     model.lm_head = Float16Linear(model.lm_head.weight)
     for name, p in model.named_parameters():
         p.data = p.data.to(torch.float16 if name.startswith("embed_tokens") else torch.float32)

@@ -23,7 +23,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from llamita.errors import LlamitaError
 from llamita.formats import detect
-from llamita.formats.hf import read_json
+from llamita.files import read_json
 
 _PIECE = sp_pb2.ModelProto.SentencePiece  # piece types; GGUF's token_type uses the same numbers (1..6)
 

@@ -40,11 +40,13 @@ from torch.utils.checkpoint import checkpoint
 
 from llamita.data import IGNORE, Dataset, collate, load_dataset, order, pack, split
 from llamita.errors import LlamitaError
-from llamita.files import atomic_write
+from llamita.files import atomic_write, load_torch_file
 from llamita.formats import load_model
-from llamita.lora import LoRAConfig, apply_lora, save_adapter, write_tokenizer
+from llamita.formats.export import write_tokenizer
+from llamita.lora import LoRAConfig, apply_lora
 from llamita.model import Llama
 from llamita.nf4 import quantize_nf4
+from llamita.peft import save_adapter, write_template
 from llamita.tokenizer import load_tokenizer
 
 METHODS = ("lora", "qlora", "full")
@@ -135,7 +137,7 @@ def init_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), dev)
 
 
-def build_model(source, cfg: TrainConfig, device: torch.device) -> tuple[Llama, LoRAConfig | None]:
+def model_to_train(source, cfg: TrainConfig, device: torch.device) -> tuple[Llama, LoRAConfig | None]:
     """The model to train: all weights (full), or frozen (NF4 for qlora) with LoRA adapters."""
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else (torch.bfloat16 if cfg.method == "qlora" else torch.float32)
     if cfg.method == "full":
@@ -183,23 +185,18 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def loss_sum(model: nn.Module, batch: dict[str, Tensor], device: torch.device, amp: torch.dtype | None) -> Tensor:
     """Summed cross entropy of every labelled token given the tokens before it.
 
-    Only positions that predict a labelled token go through the output layer: a forward pre-hook
-    on ``lm_head`` keeps just those rows. With responses a small share of the tokens, this skips
-    most of the largest matmul and the [tokens, vocab] logits, the biggest activation in training.
+    Only positions that predict a labelled token go through the output layer (``logits_at``).
+    With responses a small share of the tokens, this skips most of the largest matmul and the
+    [tokens, vocab] logits, the biggest activation in training.
     """
     ids = batch["ids"].to(device)
     targets = batch["labels"][:, 1:].to(device)
     predicts = F.pad(targets != IGNORE, (0, 1))  # position t predicts token t + 1
-    head = model.module.lm_head if isinstance(model, nn.parallel.DistributedDataParallel) else model.lm_head
-    hook = head.register_forward_pre_hook(lambda module, args: (args[0][predicts],))
-    try:
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            if "mask" in batch:  # packed records: each attends only to itself, from position 0
-                logits = model(ids, batch["positions"].to(device), attn_mask=batch["mask"].to(device))
-            else:
-                logits = model(ids)
-    finally:
-        hook.remove()
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        if "mask" in batch:  # packed records: each attends only to itself, from position 0
+            logits = model(ids, batch["positions"].to(device), mask=batch["mask"].to(device), logits_at=predicts)
+        else:
+            logits = model(ids, logits_at=predicts)
     return F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
 
 
@@ -297,7 +294,7 @@ def checkpoints(out: Path) -> list[Path]:
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
                     sharded: bool = False) -> int:
     params = trainable(model)
-    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer_state = load_torch_file(path / "optimizer.pt", "optimizer state", mmap=False)
     with safe_open(path / "trainable.safetensors", framework="pt") as f, torch.no_grad():
         if set(f.keys()) != set(params):
             raise LlamitaError(f"{path}: its weights do not match this run's trainable weights "
@@ -313,7 +310,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             for name, p in params.items():
                 p.copy_(f.get_tensor(name))
             optimizer.load_state_dict(optimizer_state)
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = load_torch_file(path / "rng.pt", "random state", mmap=False)
     set_rng_state(rng[rank] if rank < len(rng) else rng[0])
     return json.loads((path / "state.json").read_text())["step"]
 
@@ -366,7 +363,7 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
     torch.manual_seed(cfg.seed + d.rank)  # LoRA's init is overwritten by rank 0's through DDP
     random.seed(cfg.seed + d.rank)
 
-    net, lora = build_model(model, cfg, d.device)
+    net, lora = model_to_train(model, cfg, d.device)
     tokenizer = load_tokenizer(model)
     max_length = min(cfg.max_length, net.config.max_seq_len)  # no longer than the model's context
     data_options = dict(format=cfg.format, template=cfg.template, max_length=max_length,
@@ -472,12 +469,13 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         if lora is not None:
             from llamita.assets import DEFAULT_MODEL_NAME
 
-            save_adapter(net, lora, result, str(model or DEFAULT_MODEL_NAME))
+            save_adapter(net, lora, result, str(model or DEFAULT_MODEL_NAME), template=cfg.template)
         else:
             from llamita.formats import save_model
 
             save_model(net, result, state_dict=weights)
             write_tokenizer(model, result)
+            write_template(result, cfg.template)
         plot_loss(out)
     if d.world > 1:
         dist.barrier()

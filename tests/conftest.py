@@ -104,6 +104,6 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
 
 @pytest.fixture(scope="session")
 def default_llm(default_model, smol):
-    from llamita.generate import LLM
+    from llamita.llm import LLM
 
     return LLM(default_model, smol)

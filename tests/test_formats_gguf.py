@@ -8,19 +8,20 @@ import pytest
 import torch
 
 import llamita
+from llamita import layout
 from conftest import write_tiny_gguf
 
 QK = ("attn_q", "attn_k")  # stored in Meta's rotary order; llamita permutes them on load
 
 
 def gguf_to_llamita_name(name: str) -> str:
-    from llamita.formats.gguf import llamita_name
+    from llamita.formats.gguf import from_gguf_name
 
-    return llamita_name(name, None)
+    return from_gguf_name(name, None)
 
 
 def test_default_model_tensors_equal_gguf_dequantize(default_gguf, default_model, hf_default_model):
-    ours = dict(default_model.named_parameters())
+    ours = layout.split(default_model.state_dict(), default_model.config)  # the checkpoint's names
     theirs = hf_default_model.state_dict()
     reader = gguf.GGUFReader(default_gguf)
     for t in reader.tensors:
@@ -55,7 +56,7 @@ def test_every_listed_type_dequantizes_as_gguf_does(tmp_path):
         chunk = dict(zip(targets, LISTED[i:i + len(targets)]))
         path = write_tiny_gguf(tmp_path / f"t{i}.gguf", types=chunk)
         model = llamita.load_model(path, dtype=torch.float32)
-        params = dict(model.named_parameters())
+        params = layout.split(model.state_dict(), model.config)
         for t in gguf.GGUFReader(path).tensors:
             if t.name in chunk:
                 assert t.tensor_type.name == chunk[t.name]

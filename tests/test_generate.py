@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llamita import LlamitaError
-from llamita.generate import LLM, Request, StopMatcher, generate
+from llamita.generate import Request, StopMatcher, generate
+from llamita.llm import LLM
 from llamita.sampling import SamplingParams
 
 CHATS = [
@@ -66,7 +67,7 @@ def test_chat_next_turn_runs_only_its_new_tokens(default_llm):
         reply = llm.chat(second, temperature=0, max_new_tokens=12)
     finally:
         hook.remove()
-    assert not llm.model.has_cache
+    assert list(llm.model.buffers()) == []  # the model holds no cache between calls: the LLM does
     prompt = llm.encode_chat(second)
     assert fed[0] <= len(prompt) - len(llm.encode_chat(first))  # the prefill: the new turn only
     fresh = llm.request(prompt, temperature=0, max_new_tokens=12)

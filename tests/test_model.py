@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import llamita
+from llamita.cache import KVCache, causal_mask
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +24,12 @@ def test_incremental_decoding_equals_full_forward(default_model_f64):
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
-        model.setup_cache(batch_size=2, max_seq_len=64)
-        try:
-            steps = [model(ids[:, :10], torch.arange(10))]
-            for t in range(10, 24):
-                steps.append(model(ids[:, t:t + 1], torch.tensor([t])))
-        finally:
-            model.clear_cache()
+        cache = KVCache(model, rows=2, slots=64)
+        prompt = torch.arange(10).expand(2, 10)
+        steps = [model(ids[:, :10], prompt, kv=cache.step(prompt, 10))]
+        for t in range(10, 24):
+            pos = torch.tensor([[t], [t]])
+            steps.append(model(ids[:, t:t + 1], pos, mask=causal_mask(pos, t + 1), kv=cache.step(pos, t + 1)))
     assert full.abs().max() > 10
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
@@ -41,15 +41,14 @@ def test_rows_at_different_positions_share_one_cache(default_model):
     b = torch.randint(0, vocab, (1, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref_a, ref_b = default_model(a)[0, -1], default_model(b)[0, -1]
-        default_model.setup_cache(batch_size=2, max_seq_len=32)
-        try:
-            # Right-padded prefill; each row's last real token is read with logits_at.
-            padded = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], 1)])
-            out = default_model(padded, torch.arange(9), logits_at=torch.tensor([8, 4]))
-        finally:
-            default_model.clear_cache()
-    assert (out[0, 0] - ref_a).abs().max().item() < 1e-4
-    assert (out[1, 0] - ref_b).abs().max().item() < 1e-4
+        cache = KVCache(default_model, rows=2, slots=32)
+        # Right-padded prefill; each row's last real token is read with logits_at.
+        padded = torch.cat([a, torch.cat([b, torch.zeros(1, 4, dtype=torch.long)], 1)])
+        positions, last = torch.arange(9).expand(2, 9), torch.zeros(2, 9, dtype=torch.bool)
+        last[0, 8] = last[1, 4] = True
+        out = default_model(padded, positions, kv=cache.step(positions, 9), logits_at=last)
+    assert (out[0] - ref_a).abs().max().item() < 1e-4
+    assert (out[1] - ref_b).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("name,count", [("llama-2-7b", "6,738,415,616"), ("llama-2-13b-chat", "13,015,864,320"),

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from llamita.formats import interleaved_to_half
-from llamita.formats.gguf import open_gguf
+from llamita.formats.gguf import open_gguf, q4_1_tensors
 from llamita.config import Config
 from llamita import LlamitaError
-from llamita.generate import LLM, cache_size_for, compile_decoding, decode_step
+from llamita.cache import KVCache
+from llamita.generate import cache_size_for, compile_decoding, decode_step
+from llamita.llm import LLM
 from llamita.model import Llama
 from test_generate import run_cli
 from llamita.quantize import (DEQUANTIZE_FROM_ROWS, Float16Linear, Int4Linear, ScreenedLMHead, group_quantize,
-                              q4_1_tensors, quantize_float16, quantize_int4)
+                              quantize_float16, quantize_int4)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -121,15 +123,16 @@ def test_q4_1_codes_reproduce_the_gguf_dequantization(default_gguf, default_mode
     assert seen == len(wanted)
 
 
-def test_requantizing_the_float_weights_gives_the_same_int4(default_model, int4_model):
+def test_requantizing_the_float_weights_gives_the_same_int4(hf_default_model, int4_model):
     """min/max per 32-group recovers Q4_1's own codes and scales, so the float path is lossless
     too; fused layers hold their parts' rows in order (q, k, v; gate, up)."""
+    original = {k.removeprefix("model."): w for k, w in hf_default_model.state_dict().items()}  # transformers' load
     attn, mlp = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]
     for i, fused, parts in [(0, "self_attn.qkv_proj", attn), (12, "mlp.gate_up_proj", mlp),
                             (29, "self_attn.o_proj", ["self_attn.o_proj"])]:
         from_file = int4_model.layers[i].get_submodule(fused)
         assert isinstance(from_file, Int4Linear)
-        requantized = Int4Linear.from_float(torch.cat([default_model.layers[i].get_submodule(p).weight for p in parts]))
+        requantized = Int4Linear.from_float(torch.cat([original[f"layers.{i}.{p}.weight"] for p in parts]))
         assert torch.equal(requantized.codes, from_file.codes) and torch.equal(requantized.weight, from_file.weight)
         torch.testing.assert_close(requantized.scales_and_zeros, from_file.scales_and_zeros, atol=0, rtol=0)
 
@@ -138,13 +141,14 @@ def test_quantized_model_structure(default_model, int4_model):
     for layer in int4_model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert all(isinstance(m, Int4Linear) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        assert attn.q_proj is attn.k_proj is attn.v_proj is mlp.gate_proj is mlp.up_proj is None
+        assert not any(hasattr(m, p) for m, p in [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"),
+                                                  (mlp, "gate_proj"), (mlp, "up_proj")])
         assert (attn.qkv_proj.out_features, mlp.gate_up_proj.out_features) == (576 + 2 * 192, 2 * 1536)
     assert int4_model.embed_tokens.weight.dtype == torch.float16  # the fastest 16-bit GEMV on CPU
     assert isinstance(int4_model.lm_head, ScreenedLMHead)
     assert int4_model.lm_head.weight is int4_model.embed_tokens.weight  # still tied
     assert int4_model.norm.weight.dtype == torch.float32  # the body runs in float32 on CPU
-    assert default_model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the original is untouched
+    assert default_model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32  # the original is untouched
 
 
 @pytest.mark.parametrize("length", [16, DEQUANTIZE_FROM_ROWS + 16])  # decode's kernel; a prompt's GEMM
@@ -166,12 +170,9 @@ def test_quantized_model_decodes_with_the_cache(int4_model):
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 5045, 30]])
     with torch.inference_mode():
         full = int4_model(ids)[0, 3:7].float()
-        int4_model.setup_cache(1, 16)
-        try:
-            steps = [int4_model(ids[:, :4], torch.arange(4))[0, -1]]
-            steps += [int4_model(ids[:, i:i + 1], torch.tensor([i]))[0, -1] for i in range(4, 7)]
-        finally:
-            int4_model.clear_cache()
+        cache = KVCache(int4_model, rows=1, slots=16)
+        steps = [int4_model(ids[:, :4], kv=cache.sequence_step(torch.arange(4), 4))[0, -1]]
+        steps += [decode_step(int4_model, cache, [int(ids[0, i])], [i])[0] for i in range(4, 7)]
     steps = torch.stack(steps).float()
     assert (steps.argmax(-1) == full.argmax(-1)).all()
     torch.testing.assert_close(steps, full, atol=0.1 * full.abs().max().item(), rtol=0)
@@ -188,14 +189,13 @@ def test_compiled_decoding_matches_eager():
     runs = []
     with torch.inference_mode():
         for forward in (None, compiled):
-            model.setup_cache(1, cache_size_for(11 + 24, config.max_seq_len, forward is not None))
-            logits = [model(prompt, torch.arange(11))[0, -1]]
+            cache = KVCache(model, 1, cache_size_for(11 + 24, config.max_seq_len, forward is not None))
+            logits = [model(prompt, kv=cache.sequence_step(torch.arange(11), 11))[0, -1]]
             for pos in range(11, 11 + 24):
-                logits.append(decode_step(model, [int(logits[-1].argmax())], [pos], forward=forward)[0])
+                logits.append(decode_step(model, cache, [int(logits[-1].argmax())], [pos], forward=forward)[0])
             runs.append(torch.stack(logits).float())
-            model.clear_cache()
     eager, fixed = runs
-    assert model.layers[0].self_attn.kv_cache is None and cache_size_for(35, 1024, True) == 256
+    assert cache.slots == 256 and cache_size_for(35, 1024, True) == 256
     assert torch.equal(eager.argmax(-1), fixed.argmax(-1))
     torch.testing.assert_close(fixed, eager, atol=1e-3 * eager.abs().max().item(), rtol=0)
 
@@ -233,18 +233,19 @@ def float16_model(default_model):
     return quantize_float16(copy.deepcopy(default_model))
 
 
-def test_float16_model_structure(default_model, float16_model):
+def test_float16_model_structure(default_model, float16_model, hf_default_model):
     for i, layer in enumerate(float16_model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         assert all(isinstance(m, Float16Linear) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        assert attn.q_proj is attn.k_proj is attn.v_proj is mlp.gate_proj is mlp.up_proj is None
-    original = default_model.layers[7]
+        assert not any(hasattr(m, p) for m, p in [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"),
+                                                  (mlp, "gate_proj"), (mlp, "up_proj")])
+    original = hf_default_model.model.layers[7]  # transformers' load: parts apart
     fused = torch.cat([original.mlp.gate_proj.weight, original.mlp.up_proj.weight])
     assert torch.equal(float16_model.layers[7].mlp.gate_up_proj.dequantize(), fused.half().float())
     assert isinstance(float16_model.lm_head, Float16Linear)
     assert float16_model.embed_tokens.weight.dtype == torch.float16
     assert float16_model.norm.weight.dtype == torch.float32
-    assert default_model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the original is untouched
+    assert default_model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32  # the original is untouched
 
 
 def test_float16_model_matches_transformers(float16_model, hf_default_model, smol):

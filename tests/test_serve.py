@@ -235,7 +235,7 @@ def test_next_chat_turn_runs_only_its_new_tokens():
     their shared start, and answers as LLM.chat does from scratch. A long request decodes beside it
     in the meantime, so the idle row holding the first turn is fed through decoding steps first
     (with its own first token at position 0, which must leave its cache as it was)."""
-    from llamita.generate import LLM
+    from llamita.llm import LLM
 
     llm = LLM.load(None)
     first = [{"role": "user", "content": "Name a large animal that lives in the Andes."}]

@@ -21,7 +21,7 @@ import llamita
 from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.nf4 import NF4_LEVELS, NF4Linear, nf4_dequantize, nf4_quantize
-from llamita.train import TrainConfig, build_model, lr_at
+from llamita.train import TrainConfig, lr_at, model_to_train
 from test_formats_hf import tiny_hf
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -209,7 +209,7 @@ def test_nf4_rounds_to_the_nearest_level():
 
 
 def test_qlora_trains_and_frozen_weights_take_under_a_third(base, data, tmp_path):
-    model, _ = build_model(base, TrainConfig(method="qlora", lora_targets="all"), torch.device("cpu"))
+    model, _ = model_to_train(base, TrainConfig(method="qlora", lora_targets="all"), torch.device("cpu"))
     quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
     assert len(quantized) == 7 * 3  # every projection of every block
     nf4_bytes = sum(m.nbytes for m in quantized)

@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp): metadata to Config, tensors dequantized with the gguf package."""
+"""GGUF files (llama.cpp): metadata to Config, tensors dequantized with the gguf package, and
+Q4_1 blocks read as they are stored (codes, scales, zeros) for lossless int4 layers."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from llamita.config import config_from_gguf
+from llamita.config import Config, config_from_gguf
 from llamita.errors import LlamitaError
+from llamita.formats.checkpoint import Checkpoint, interleaved_to_half, rotary_heads
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -57,7 +59,8 @@ _TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def llamita_name(name: str, where: Path) -> str | None:
+def from_gguf_name(name: str, where: Path) -> str | None:
+    """A GGUF tensor name -> llamita's checkpoint name; None for tensors llamita does not use."""
     if name == "rope_freqs.weight":
         return None
     base, _, suffix = name.rpartition(".")
@@ -84,9 +87,7 @@ def to_torch(t: gguf.ReaderTensor, where: Path) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape)
 
 
-def read(path: Path):
-    from llamita.formats import Checkpoint
-
+def read(path: Path) -> Checkpoint:
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     names = {t.name for t in reader.tensors}
@@ -99,11 +100,30 @@ def read(path: Path):
 
     def tensors() -> Iterator[tuple[str, Tensor, Path]]:
         for t in reader.tensors:
-            if (name := llamita_name(t.name, path)) is not None:
+            if (name := from_gguf_name(t.name, path)) is not None:
                 yield name, to_torch(t, path), path
 
     return Checkpoint(
         format="gguf", path=path, config=config, dtype=dtype, tensor_types=dict(types),
         nbytes=sum(int(t.n_bytes) for t in reader.tensors), tensors=tensors, rotary="interleaved",
-        metadata=meta,
     )
+
+
+def q4_1_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
+    """(checkpoint module name, codes, scales, zeros) for each Q4_1 tensor of a GGUF file, one by
+    one: codes 0..15 [N, K], and per group of 32 the scale and the value of code 8, so that a weight
+    is ``(code - 8) * scale + zero``. q/k rows are permuted to the rotate-half layout, as the
+    float weights are on load."""
+    path = Path(path)
+    for t in open_gguf(path).tensors:
+        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or (name := from_gguf_name(t.name, path)) is None:
+            continue
+        N, K = int(t.shape[1]), int(t.shape[0])
+        # A block: d and m (float16), then 16 bytes: weights 0..15 in the low nibbles, 16..31 in the high.
+        blocks = torch.from_numpy(np.array(t.data)).reshape(N, K // 32, 20)
+        d, m = blocks[..., :4].contiguous().view(torch.float16).float().unbind(-1)
+        qs = blocks[..., 4:].to(torch.int32)
+        codes, scales, zeros = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K), d, m + 8 * d
+        if heads := rotary_heads(name, config):
+            codes, scales, zeros = (interleaved_to_half(x, heads) for x in (codes, scales, zeros))
+        yield name.removesuffix(".weight"), codes, scales, zeros

@@ -14,26 +14,18 @@ from torch import Tensor
 
 from llamita.config import Config, config_from_hf, config_to_hf
 from llamita.errors import LlamitaError
-from llamita.files import atomic_write
+from llamita.files import atomic_write, load_torch_file, read_json
+from llamita.formats.checkpoint import Checkpoint
+
 
 def hf_name(name: str) -> str:
     """llamita's parameter name -> the name in an HF LlamaForCausalLM state dict."""
     return name if name.startswith("lm_head.") else f"model.{name}"
 
 
-def llamita_name(name: str) -> str:
+def from_hf_name(name: str) -> str:
+    """A name in an HF state dict -> llamita's checkpoint name."""
     return name.removeprefix("model.")
-
-
-def read_json(path: Path) -> dict:
-    """A JSON object from ``path``; a clear error naming the file when it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LlamitaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise LlamitaError(f"{path}: expected a JSON object")
-    return data
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -61,25 +53,18 @@ def _open_safetensors(file: Path):
         raise LlamitaError(f"{file}: not a readable safetensors file ({e})") from None
 
 
-def _load_bin(file: Path) -> dict[str, Tensor]:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # zip errors, unpickling refused, truncated data...
-        raise LlamitaError(f"{file}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from None
-
-
 def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
     for file in files:
         if file.suffix == ".safetensors":
             f = _open_safetensors(file)
             for key in f.keys():
                 try:
-                    yield llamita_name(key), f.get_tensor(key), file
+                    yield from_hf_name(key), f.get_tensor(key), file
                 except (SafetensorError, OSError) as e:
                     raise LlamitaError(f"{file}: tensor {key} cannot be read ({e})") from None
         else:
-            for key, t in _load_bin(file).items():
-                yield llamita_name(key), t, file
+            for key, t in load_torch_file(file).items():
+                yield from_hf_name(key), t, file
 
 
 def _stored_types(files: list[Path]) -> tuple[Counter, int, torch.dtype | None]:
@@ -101,9 +86,7 @@ def _stored_types(files: list[Path]) -> tuple[Counter, int, torch.dtype | None]:
     return types, nbytes, first
 
 
-def read(path: Path):
-    from llamita.formats import Checkpoint
-
+def read(path: Path) -> Checkpoint:
     cfg_dict = read_json(path / "config.json")
     config = config_from_hf(cfg_dict, where=str(path / "config.json"))
     files = weight_files(path)

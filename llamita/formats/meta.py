@@ -12,7 +12,8 @@ from torch import Tensor
 
 from llamita.config import config_from_meta
 from llamita.errors import LlamitaError
-from llamita.formats.hf import read_json
+from llamita.files import load_torch_file, read_json
+from llamita.formats.checkpoint import Checkpoint
 
 # Meta's name -> (llamita's name, dim the shards are joined on; None = replicated, take shard 0)
 _LAYER = {
@@ -44,13 +45,6 @@ def _map(name: str) -> tuple[str, int | None] | None:
     raise LlamitaError(f"unexpected tensor {name!r} in a Meta checkpoint")
 
 
-def _load_shard(file: Path) -> dict[str, Tensor]:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise LlamitaError(f"{file}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-
-
 def shard_files(path: Path) -> list[Path]:
     files = sorted(path.glob("consolidated.*.pth"))
     if not files:
@@ -77,11 +71,9 @@ def _merged(shards: list[dict[str, Tensor]], files: list[Path]) -> Iterator[tupl
         yield new, torch.cat(parts, dim=dim), files[0]
 
 
-def read(path: Path):
-    from llamita.formats import Checkpoint
-
+def read(path: Path) -> Checkpoint:
     files = shard_files(path)
-    shards = [_load_shard(f) for f in files]  # memory-mapped: nothing is read yet
+    shards = [load_torch_file(f, "PyTorch checkpoint") for f in files]  # memory-mapped: nothing is read yet
     emb = shards[0].get("tok_embeddings.weight")
     if emb is None:
         raise LlamitaError(f"{files[0]}: no tok_embeddings.weight")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llamita.assets import DEFAULT_MODEL_NAME
-from llamita.generate import LLM
+from llamita.llm import LLM
 from llamita.serve.app import create_app
 from llamita.serve.engine import Engine
 

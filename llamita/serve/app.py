@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamita.assets import DEFAULT_MODEL_NAME
 from llamita.errors import LlamitaError
-from llamita.generate import LLM, Request
+from llamita.generate import Request
+from llamita.llm import LLM
 from llamita.serve.engine import Engine, EngineStopped, QueueFull, Stream
 
 MAX_N = 8  # choices per request: each takes a cache row of its own

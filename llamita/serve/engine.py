@@ -6,7 +6,7 @@ request at once, each at its own position. A row keeps what its last request lef
 so a request that starts the same way (a chat's next turn, a shared system prompt) goes to that
 row and runs only the rest of its prompt. A request that arrives mid-generation joins the batch
 at the next turn; one that finishes or is cancelled frees its row at the next turn. The pieces it
-drives are ``generate``'s own (``prefill``, ``decode_step``, ``Request``): the engine only schedules.
+drives are ``generate``'s own, over a ``KVCache`` it owns (``prefill``, ``decode_step``, ``Request``): the engine only schedules.
 
 Results travel to the asyncio side through each stream's queue (``call_soon_threadsafe``), so the
 HTTP handlers never block on the model.
@@ -24,8 +24,9 @@ from typing import AsyncIterator
 
 import torch
 
+from llamita.cache import KVCache
 from llamita.errors import LlamitaError
-from llamita.generate import Request, common_prefix, decode_step, prefill
+from llamita.generate import Request, decode_step, prefill
 from llamita.model import Llama
 
 
@@ -131,7 +132,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
         self.rows: list[Job | None] = [None] * max_batch
-        self.held: list[list[int]] = [[] for _ in range(max_batch)]  # tokens in each free row's cache
+        self.cache: KVCache | None = None  # the engine thread's, while it runs
         self.waiting: collections.deque[Job] = collections.deque()
         self.metrics = Metrics()
         self._wake = threading.Condition()
@@ -173,7 +174,7 @@ class Engine:
 
     # -- the model thread ------------------------------------------------------------------------
     def _run(self) -> None:
-        self.model.setup_cache(self.max_batch, self.max_seq_len)
+        self.cache = KVCache(self.model, self.max_batch, self.max_seq_len)
         try:
             with torch.inference_mode():
                 while self._next_turn():
@@ -184,7 +185,7 @@ class Engine:
                     except Exception as e:  # a failure fails the requests in flight, not the server
                         self._fail_all(e)
         finally:
-            self.model.clear_cache()
+            self.cache = None
             self._fail_all(EngineStopped("the engine stopped"), waiting=True)
 
     def _next_turn(self) -> bool:
@@ -211,7 +212,7 @@ class Engine:
             free = [row for row, job in enumerate(self.rows) if job is None]
             longest = 0
             while self.waiting and free:
-                row, n = self._row_for(self.waiting[0].request.prompt_ids, free)
+                row, n = self.cache.reuse(self.waiting[0].request.prompt_ids, free)
                 longest = max(longest, len(self.waiting[0].request.prompt_ids) - n)
                 if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
                     break
@@ -220,12 +221,12 @@ class Engine:
                 cached.append(n)
             for row, job in admitted:
                 self.rows[row] = job
-                self.held[row] = []
+                self.cache.held[row] = []  # unknown until the request is done
         if not admitted:
             return
         requests = [job.request for _, job in admitted]
-        rows = torch.tensor([row for row, _ in admitted], device=self._device)
-        logits = prefill(self.model, requests, rows=rows, cached=cached)
+        rows = torch.tensor([row for row, _ in admitted], device=self.cache.device)
+        logits = prefill(self.model, self.cache, requests, rows=rows, cached=cached)
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self.metrics.prompt_tokens_cached += sum(cached)
@@ -234,28 +235,17 @@ class Engine:
             self.metrics.observe_ttft(now - job.stream.created)
         self._sample(admitted, logits)
 
-    def _row_for(self, prompt: list[int], free: list[int]) -> tuple[int, int]:
-        """The free row whose cache holds the longest start of ``prompt``, and how many tokens of
-        it (all but the last, which must run to give logits); failing that, an empty row, then the
-        lowest (so that the decoded slice of rows stays short)."""
-        best, n = min(free, key=lambda row: (bool(self.held[row]), row)), 0
-        for row in free:
-            shared = common_prefix(prompt, self.held[row])
-            if shared > n:
-                best, n = row, shared
-        return best, min(n, len(prompt) - 1)
-
     def _decode(self) -> None:
         """One forward pass for every running request. Rows past the last busy one are left out;
         idle rows below it are fed their own first token at position 0, which leaves their cache
         as it was (slicing the cache beats gathering)."""
         n = max(row for row, job in enumerate(self.rows) if job is not None) + 1
         running = [(row, job) for row, job in enumerate(self.rows[:n]) if job is not None]
-        tokens = [held[0] if held else 0 for held in self.held[:n]]
+        tokens = [held[0] if held else 0 for held in self.cache.held[:n]]
         positions = [0] * n
         for row, job in running:
             tokens[row], positions[row] = job.request.output_ids[-1], job.request.position
-        logits = decode_step(self.model, tokens, positions)
+        logits = decode_step(self.model, self.cache, tokens, positions)
         self.metrics.decode_steps += 1
         self._sample(running, logits[[row for row, _ in running]])
 
@@ -273,9 +263,9 @@ class Engine:
                     self._finish(row, r.finish_reason)
 
     def _finish(self, row: int, outcome: str) -> None:
-        # What the row's cache holds now; the last token was sampled, never fed. After an error, nothing.
-        r = self.rows[row].request
-        self.held[row] = [] if outcome == "error" else r.prompt_ids + r.output_ids[:-1]
+        # What the row's cache holds now; after an error, nothing.
+        if self.cache is not None:
+            self.cache.held[row] = [] if outcome == "error" else self.rows[row].request.fed_ids
         self.rows[row] = None
         self.metrics.outcomes[outcome] += 1
 
@@ -290,10 +280,6 @@ class Engine:
                     job = self.waiting.popleft()
                     self.metrics.outcomes["error"] += 1
                     job.stream.push(Event(job.index, str(error), "error"))
-
-    @property
-    def _device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
 
     # -- /metrics --------------------------------------------------------------------------------
     def prometheus(self) -> str:

@@ -1,0 +1,95 @@
+"""The KV cache: keys and values kept between forward passes, owned by whoever decodes.
+
+``LLM`` keeps one (a row) from call to call, the server's engine one (a row per request slot) for
+its lifetime, ``generate`` one per batch. The model never holds it: for each forward pass the
+owner hands it a ``step`` saying where this pass's tokens go, and the model calls that step once
+per layer (``Llama.forward(kv=...)``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from llamita.model import KVUpdate, Llama
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from the start."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class KVCache:
+    """Keys and values of every layer, [rows, kv heads, slots, head dim] each, and the tokens each
+    row holds from position 0 (``held``), so that a prompt that starts the same way reuses them."""
+
+    def __init__(self, model: Llama, rows: int, slots: int):
+        c = model.config
+        w = model.norm.weight  # the body's dtype, which may differ from the embedding's (quantization)
+        shape = (rows, c.n_kv_heads, slots, c.head_dim)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        self.row_ids = torch.arange(rows, device=w.device)
+        self.held: list[list[int]] = [[] for _ in range(rows)]
+
+    @property
+    def rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def slots(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_ids.device
+
+    def reuse(self, prompt: list[int], rows: list[int]) -> tuple[int, int]:
+        """The row among ``rows`` whose cache holds the longest start of ``prompt``, and how many
+        tokens of it (all but the last at most: that one must run to give logits); failing that,
+        an empty row, then the lowest (so that a decoded slice of rows stays short)."""
+        best, n = min(rows, key=lambda row: (bool(self.held[row]), row)), 0
+        for row in rows:
+            shared = common_prefix(prompt, self.held[row])
+            if shared > n:
+                best, n = row, shared
+        return best, min(n, len(prompt) - 1)
+
+    def step(self, positions: Tensor, length: int, rows: Tensor | slice | None = None) -> KVUpdate:
+        """For one forward pass of B rows: each token's keys and values go to its position
+        (``positions`` [B, T]) in cache ``rows`` (default: the first B, read back as a slice, not a
+        copy); attention reads those rows' first ``length`` slots."""
+        rows = slice(0, positions.shape[0]) if rows is None else rows
+        return partial(self._write_rows, positions=positions, rows=rows, length=length)
+
+    def sequence_step(self, positions: Tensor, length: int) -> KVUpdate:
+        """``step`` for one sequence in row 0 at ``positions`` [T]: a copy along positions, the
+        cheapest write (a chat, a single prompt)."""
+        return partial(self._write_sequence, positions=positions, length=length)
+
+    def _write_rows(self, layer: int, k: Tensor, v: Tensor, *, positions: Tensor, rows: Tensor | slice,
+                    length: int) -> tuple[Tensor, Tensor]:
+        index = self.row_ids[rows][:, None]
+        # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
+        self.k[layer][index, :, positions] = k.transpose(1, 2)
+        self.v[layer][index, :, positions] = v.transpose(1, 2)
+        return self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]
+
+    def _write_sequence(self, layer: int, k: Tensor, v: Tensor, *, positions: Tensor,
+                        length: int) -> tuple[Tensor, Tensor]:
+        self.k[layer][:1].index_copy_(2, positions, k)
+        self.v[layer][:1].index_copy_(2, positions, v)
+        return self.k[layer][:1, :, :length], self.v[layer][:1, :, :length]
+
+
+def causal_mask(positions: Tensor, length: int) -> Tensor:
+    """Bool [B, 1, T, length]: a key slot is visible to a query when it holds an earlier (or the
+    same) position of that query's row; ``positions`` [B, T]."""
+    return torch.arange(length, device=positions.device) <= positions[:, None, :, None]

@@ -1,0 +1,130 @@
+"""``LLM``: a model with its tokenizer and chat format, the Python face of ``llamita generate/chat``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from llamita.cache import KVCache
+from llamita.chat import Message, encode_chat, stop_token_ids
+from llamita.errors import LlamitaError
+from llamita.formats import detect, load_model
+from llamita.generate import Request, cache_size_for, compile_decoding, complete, generate
+from llamita.model import Llama
+from llamita.peft import load_adapter, trained_template
+from llamita.sampling import SamplingParams
+from llamita.tokenizer import Tokenizer, load_tokenizer
+
+
+def trained_template_of(source: str | Path | None, adapter: str | Path | None) -> str | None:
+    """The prompt template recorded by fine-tuning: the adapter's, else the checkpoint's (a
+    ``finetune --method full`` or ``merge`` output)."""
+    if adapter is not None:
+        return trained_template(adapter)
+    fmt, path = detect(source)
+    return trained_template(path) if fmt == "hf" else None
+
+
+class LLM:
+    """A model with its tokenizer and chat format: the Python face of ``llamita generate/chat``."""
+
+    def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto", compile: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.stop_ids = frozenset(stop_token_ids(tokenizer, template))
+        self.forward = compile_decoding(model) if compile else None
+        self.cache: KVCache | None = None  # _run_one's, kept from call to call
+
+    @classmethod
+    def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
+             device: str | torch.device = "cpu", quantize: str | None = None, template: str | None = None,
+             adapter: str | Path | None = None, compile: bool = False) -> "LLM":
+        """``quantize="int4"``: 4-bit weight-only linear layers (``quantize_int4``), the fast
+        path for decoding on CPU, quantized from the checkpoint's own dtype (float32 for a
+        quantized GGUF, whose Q4_1 codes then come back exactly). ``quantize="float16"``: float16
+        weights computed in float32 (``quantize_float16``, CPU), the fast path for batches and
+        for serving. ``compile``: decoding steps through torch.compile (``compile_decoding``): a
+        minute's wait on first use, then the fastest decoding (docs/speed.md). ``template``: the
+        chat format; by default the one the adapter (or the fine-tuned checkpoint) was trained
+        with, else the checkpoint's own ("auto")."""
+        if quantize not in (None, "int4", "float16"):
+            raise LlamitaError(f"unknown quantization {quantize!r} (known: int4, float16)")
+        if compile and quantize == "float16":
+            raise LlamitaError("--compile cannot trace float16 layers (fbgemm's packed weights): drop --compile, "
+                               "or use --quantize int4")
+        model = load_model(source, dtype=dtype, device=device)
+        if adapter is not None:  # folded into the weights: decoding runs at the base model's speed
+            load_adapter(model, adapter, merge=True)
+        if quantize:
+            from llamita.quantize import quantize_float16, quantize_int4
+
+            {"int4": quantize_int4, "float16": quantize_float16}[quantize](model)
+        template = template or trained_template_of(source, adapter) or "auto"
+        return cls(model, load_tokenizer(source), template, compile)
+
+    # -- requests ------------------------------------------------------------------------------
+    def request(self, prompt_ids: list[int], *, truncate: bool = False, **options) -> Request:
+        """A Request for ``prompt_ids``; options are SamplingParams fields."""
+        params = SamplingParams(**options)
+        limit = self.model.config.max_seq_len - 1  # room for at least one new token
+        if len(prompt_ids) > limit:
+            if not truncate:
+                raise LlamitaError(
+                    f"prompt has {len(prompt_ids)} tokens; the context window is {self.model.config.max_seq_len} "
+                    "(pass truncate=True / --truncate to keep its end)")
+            prompt_ids = prompt_ids[-limit:]
+        if not prompt_ids:
+            raise LlamitaError("empty prompt: give some text (or a model that adds BOS)")
+        return Request(prompt_ids, params, self.stop_ids, self.tokenizer)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
+
+    def encode_chat(self, messages: list[Message]) -> list[int]:
+        return encode_chat(self.tokenizer, messages, self.template)
+
+    # -- text in, text out -----------------------------------------------------------------------
+    def stream(self, prompt: str, **options) -> Iterator[str]:
+        """The continuation of ``prompt``, chunk by chunk as it is generated."""
+        yield from self._run_one(self.request(self.encode(prompt), **options))
+
+    def generate(self, prompt: str, **options) -> str:
+        return "".join(self.stream(prompt, **options))
+
+    def stream_chat(self, messages: list[Message], **options) -> Iterator[str]:
+        """The assistant's reply to ``messages`` ({"role", "content"} dicts), chunk by chunk."""
+        yield from self._run_one(self.request(self.encode_chat(messages), **options))
+
+    def chat(self, messages: list[Message], **options) -> str:
+        return "".join(self.stream_chat(messages, **options))
+
+    def generate_batch(self, prompts: list[str], **options) -> list[str]:
+        """Continuations of several prompts of any lengths, decoded together in one batch."""
+        return self._run_batch([self.request(self.encode(p), **options) for p in prompts])
+
+    def chat_batch(self, conversations: list[list[Message]], **options) -> list[str]:
+        return self._run_batch([self.request(self.encode_chat(m), **options) for m in conversations])
+
+    def _run_one(self, request: Request) -> Iterator[str]:
+        """One request in a KV cache that this LLM keeps from call to call: a prompt that starts
+        like the last one's prompt and reply, a chat's next turn, runs only its new tokens. The
+        cache is sized in powers of two (``cache_size_for``), so it is rarely outgrown."""
+        need = len(request.prompt_ids) + request.params.max_new_tokens
+        size = cache_size_for(need, self.model.config.max_seq_len, compiled=True)
+        if self.cache is None or self.cache.slots < size:
+            self.cache = KVCache(self.model, 1, size)
+        _, cached = self.cache.reuse(request.prompt_ids, [0])
+        self.cache.held[0] = []  # unknown until this request is done
+        yield from (text for _, text in complete(self.model, self.cache, [request], self.forward, cached=[cached]))
+        self.cache.held[0] = request.fed_ids
+
+    def _run_batch(self, requests: list[Request]) -> list[str]:
+        if not requests:
+            return []
+        texts = [""] * len(requests)
+        for i, text in generate(self.model, requests, self.forward):
+            texts[i] += text
+        return texts
