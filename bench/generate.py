@@ -54,7 +54,9 @@ def llamita_engine(source: str | None, kind: str, compile: bool = False) -> Engi
     """float32 / bfloat16 weights, float16 linear layers (``--quantize float16``), or int4 ones with
     bfloat16 activations; ``compile``: decoding steps through torch.compile, as
     ``LLM.load(compile=True)`` runs them."""
-    from llamita.generate import LLM, cache_size_for, decode_step, prefill
+    from llamita.cache import KVCache
+    from llamita.generate import cache_size_for, decode_step, prefill
+    from llamita.llm import LLM
 
     dtype, quantize = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "fp16": (None, "float16"),
                        "int4": (None, "int4")}[kind]
@@ -63,24 +65,17 @@ def llamita_engine(source: str | None, kind: str, compile: bool = False) -> Engi
 
     @torch.inference_mode()
     def decode(prompt: list[int], n: int) -> list[float]:
-        model.setup_cache(1, cache_size_for(len(prompt) + n, model.config.max_seq_len, compile))
-        try:
-            token = int(prefill(model, [llm.request(prompt, temperature=0)])[0].argmax())
-            stamps = [time.perf_counter()]
-            for i in range(n - 1):
-                token = int(decode_step(model, [token], [len(prompt) + i], forward=llm.forward)[0].argmax())
-                stamps.append(time.perf_counter())
-        finally:
-            model.clear_cache()
+        cache = KVCache(model, 1, cache_size_for(len(prompt) + n, model.config.max_seq_len, compile))
+        token = int(prefill(model, cache, [llm.request(prompt, temperature=0)])[0].argmax())
+        stamps = [time.perf_counter()]
+        for i in range(n - 1):
+            token = int(decode_step(model, cache, [token], [len(prompt) + i], forward=llm.forward)[0].argmax())
+            stamps.append(time.perf_counter())
         return stamps
 
     @torch.inference_mode()
     def run_prefill(prompt: list[int]) -> None:
-        model.setup_cache(1, len(prompt) + 1)
-        try:
-            prefill(model, [llm.request(prompt, temperature=0)])
-        finally:
-            model.clear_cache()
+        prefill(model, KVCache(model, 1, len(prompt) + 1), [llm.request(prompt, temperature=0)])
 
     return Engine(f"llamita {kind}" + (" + torch.compile" if compile else ""), decode, run_prefill,
                   note="decoding compiled, once per process" if compile else "")

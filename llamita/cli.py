@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 
 from llamita.errors import LlamitaError
+from llamita.sampling import SamplingParams
+from llamita.serve.engine import EngineConfig
+from llamita.train import TrainConfig
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -23,7 +28,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["int4", "float16"], default=None,
                    help="int4: 4-bit weight-only layers (the fastest single stream on CPU); float16: float16 "
                         "weights computed in float32 (CPU, the fastest for batches and `serve`)")
-    p.add_argument("--template", default="auto", help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca")
+    p.add_argument("--template", default=None,
+                   help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca (default: the one the adapter or "
+                        "fine-tuned checkpoint was trained with, else auto)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT's format) to apply to the model")
 
 
@@ -31,20 +38,37 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="decode through torch.compile: about a minute to start the first time, ~8 s more than eager once "
                         "torch's compile cache holds it, then faster (docs/speed.md)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    add_options(p, SamplingParams)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
-                truncate=args.truncate)
+    return {**options_of(args, SamplingParams), "truncate": args.truncate}
+
+
+def add_options(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the dataclass ``cls`` (``--max-new-tokens``), typed, defaulted and
+    explained by the field itself; a bool that defaults to true becomes ``--no-NAME``."""
+    types = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), types[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        extra = {"help": f.metadata.get("help"), "dest": f.name}
+        if kind is bool:
+            p.add_argument(f"--no-{flag[2:]}" if default else flag, action="store_false" if default else "store_true",
+                           **extra)
+        elif isinstance(default, list):
+            p.add_argument(flag, action="append", default=default, **extra)
+        else:
+            scalar = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+            p.add_argument(flag, type=scalar, default=default, choices=f.metadata.get("choices"), **extra)
+
+
+def options_of(args: argparse.Namespace, cls: type) -> dict:
+    """The parsed values of ``cls``'s fields."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
 def load_llm(args: argparse.Namespace):
@@ -73,9 +97,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
     options = sampling_options(args)
     system = args.system
     history: list[dict[str, str]] = []
-    interactive = sys.stdin.isatty()
+    interactive, single_turn = sys.stdin.isatty(), llm.single_turn
+    if single_turn and system:
+        raise LlamitaError(f"the {llm.template} template has no system prompt: drop --system, or give --template")
     if interactive:
-        print("llamita chat: /reset clears the history, /system TEXT sets the system prompt, /exit quits.")
+        print("llamita chat: /reset clears the history, /system TEXT sets the system prompt, /exit quits."
+              + (f" The {llm.template} template is single-turn: each message is answered on its own." if single_turn else ""))
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -92,6 +119,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if line.startswith("/system"):
             system, history = line.removeprefix("/system").strip() or None, []
             continue
+        history = [] if single_turn else history
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
         if interactive:
@@ -105,48 +133,16 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from llamita.train import TrainConfig, finetune
+    from llamita.train import finetune
 
-    options = {f: getattr(args, f) for f in TrainConfig.__dataclass_fields__ if hasattr(args, f)}
-    print(f"llamita: wrote {finetune(args.model, args.data, args.out, **options)}", file=sys.stderr)
+    print(f"llamita: wrote {finetune(args.model, args.data, args.out, **options_of(args, TrainConfig))}", file=sys.stderr)
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="base checkpoint (default: smollm2-135m-instruct)")
     p.add_argument("--data", required=True, help="JSON / JSON Lines records, a text file, or a Hub dataset name")
     p.add_argument("--out", required=True, help="output folder: adapter/ or model/, metrics.jsonl, loss.png, checkpoints/")
-    p.add_argument("--method", choices=["lora", "qlora", "full"], default="lora")
-    p.add_argument("--format", choices=["auto", "alpaca", "chat", "sharegpt", "text"], default="auto")
-    p.add_argument("--template", default="alpaca", help="prompt format: alpaca, or a chat format: auto, llama-2, chatml")
-    p.add_argument("--max-length", type=int, default=512, help="tokens per record (longer ones are truncated)")
-    p.add_argument("--train-on-prompt", action="store_true", help="put loss on prompt tokens too")
-    p.add_argument("--pack", action="store_true", help="pack short records into full sequences")
-    p.add_argument("--val-split", type=float, default=0.0, help="fraction of records held out for eval loss")
-    p.add_argument("--eval-data", default=None, help="a separate evaluation data file")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between eval losses (0: at the end)")
-    p.add_argument("--lora-r", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--lora-targets", default="q,v", help="comma-separated: q,k,v,o,gate,up,down or all")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4; 2e-5 for full)")
-    p.add_argument("--batch-size", type=int, default=4, help="records per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--epochs", type=float, default=None, help="default 1 when --steps is not given")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations in backward")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: none)")
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun, shard --method full with FSDP2 (the default on CUDA; DDP otherwise)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    add_options(p, TrainConfig)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -193,11 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together (KV-cache rows)")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context per row: prompt plus new tokens")
-    p.add_argument("--max-prefill-tokens", type=int, default=256,
-                   help="prompt tokens (padded) prefilled in one pass: a burst of prompts is spread over passes this size, so the first start sooner")
+    add_options(p, EngineConfig)
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -205,9 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> None:
     from llamita.serve import serve
 
-    serve(load_llm(args), source=args.model, host=args.host, port=args.port, max_batch=args.max_batch,
-          max_queue=args.max_queue, max_seq_len=args.max_seq_len,
-          max_prefill_tokens=args.max_prefill_tokens)
+    serve(load_llm(args), source=args.model, host=args.host, port=args.port,
+          config=EngineConfig(**options_of(args, EngineConfig)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from llamita.cache import KVCache
-from llamita.chat import Message, encode_chat, stop_token_ids
+from llamita.chat import Message, encode_chat, resolve_template, stop_token_ids
 from llamita.errors import LlamitaError
 from llamita.formats import detect, load_model
 from llamita.generate import Request, cache_size_for, compile_decoding, complete, generate
@@ -85,6 +85,11 @@ class LLM:
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         return encode_chat(self.tokenizer, messages, self.template)
+
+    @property
+    def single_turn(self) -> bool:
+        """Whether the chat format takes one instruction only (Alpaca's)."""
+        return resolve_template(self.tokenizer, self.template) == "alpaca"
 
     # -- text in, text out -----------------------------------------------------------------------
     def stream(self, prompt: str, **options) -> Iterator[str]:

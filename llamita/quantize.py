@@ -16,9 +16,8 @@ GGUF's Q4_1 blocks (32 weights, ``w = d * q + m``) are that same format with ``s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from llamita.errors import LlamitaError
+from llamita.options import option
 
 
 @dataclass
 class SamplingParams:
     """How one request samples. Defaults are Meta's chat defaults (temperature 0.6, top-p 0.9)."""
 
-    max_new_tokens: int = 256
-    temperature: float = 0.6  # 0 = greedy
-    top_p: float = 0.9
-    top_k: int | None = None
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    max_new_tokens: int = option(256, "tokens to generate at most")
+    temperature: float = option(0.6, "0 = greedy")
+    top_p: float = option(0.9, "nucleus sampling: the smallest set of tokens with this much probability")
+    top_k: int | None = option(None, "sample among the k most likely tokens")
+    repetition_penalty: float = option(1.0, "divide the logits of tokens already present (CTRL's rule; 1 = off)")
+    stop: list[str] = option([], "stop string (repeatable)")
+    seed: int | None = option(None, "random seed (the same seed, the same text)")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

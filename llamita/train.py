@@ -46,6 +46,7 @@ from llamita.formats.export import write_tokenizer
 from llamita.lora import LoRAConfig, apply_lora
 from llamita.model import Llama
 from llamita.nf4 import quantize_nf4
+from llamita.options import option
 from llamita.peft import save_adapter, write_template
 from llamita.tokenizer import load_tokenizer
 
@@ -54,41 +55,46 @@ METHODS = ("lora", "qlora", "full")
 
 @dataclass
 class TrainConfig:
-    method: str = "lora"
+    """Every fine-tuning option; ``llamita finetune``'s flags are made from these fields."""
+
+    method: str = option("lora", "lora, qlora (NF4 base) or full (every weight)", choices=METHODS)
     # data
-    format: str = "auto"  # auto (per record), alpaca, chat, sharegpt, text
-    template: str = "alpaca"  # alpaca, or a chat format: auto (the checkpoint's), llama-2, chatml
-    max_length: int = 512
-    train_on_prompt: bool = False
-    pack: bool = False
-    val_split: float = 0.0
-    eval_data: str | None = None
-    eval_every: int = 0  # 0: only at the end
+    format: str = option("auto", "record format (auto: per record)", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
+    template: str = option("alpaca", "prompt format: alpaca, or a chat format: auto (the checkpoint's), llama-2, chatml; "
+                                     "recorded with the result, which chat/serve then use")
+    max_length: int = option(512, "tokens per record (longer ones are truncated)")
+    train_on_prompt: bool = option(False, "put loss on prompt tokens too")
+    pack: bool = option(False, "pack short records into full sequences")
+    val_split: float = option(0.0, "fraction of records held out for eval loss")
+    eval_data: str | None = option(None, "a separate evaluation data file")
+    eval_every: int = option(0, "steps between eval losses (0: at the end)")
     # LoRA
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: str = "q,v"
+    lora_r: int = option(8, "LoRA rank")
+    lora_alpha: float = option(16.0, "LoRA alpha (updates are scaled by alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the adapters' input")
+    lora_targets: str = option("q,v", "comma-separated: q,k,v,o,gate,up,down or all")
     # optimization
-    lr: float | None = None  # default: 2e-4 for (q)lora, 2e-5 for full
-    batch_size: int = 4  # per process
-    grad_accum: int = 1
-    warmup: int = 10
-    steps: int | None = None
-    epochs: float | None = None  # default: 1 when steps is not given
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_checkpoint: bool = False
-    precision: str = "auto"  # auto: bfloat16 autocast on CUDA with bf16, float32 otherwise; bf16; fp32
-    seed: int = 1337
+    lr: float | None = option(None, "peak learning rate (default 2e-4; 2e-5 for full)")
+    batch_size: int = option(4, "records per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    warmup: int = option(10, "linear warmup steps")
+    steps: int | None = option(None, "optimizer steps (default: from --epochs)")
+    epochs: float | None = option(None, "passes over the data (default 1 when --steps is not given)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip (0: none)")
+    grad_checkpoint: bool = option(False, "recompute activations in backward")
+    precision: str = option("auto", "auto: bfloat16 autocast on CUDA with bf16, float32 otherwise",
+                            choices=("auto", "bf16", "fp32"))
+    seed: int = option(1337, "random seed (data order, LoRA init, dropout)")
     # outputs
-    save_every: int = 0  # 0: no intermediate checkpoints
-    keep_last: int = 2
-    resume: bool = False
-    dtype: str | None = None  # the frozen weights' dtype (default float32; bfloat16 for qlora)
-    device: str = "cpu"
-    fsdp: bool = False  # shard under torchrun even where DDP is the default (full on CUDA shards anyway)
-    progress: bool = True
+    save_every: int = option(0, "steps between checkpoints (0: none)")
+    keep_last: int = option(2, "checkpoints kept")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    dtype: str | None = option(None, "the frozen weights' dtype (default float32; bfloat16 for qlora)",
+                               choices=("float32", "bfloat16", "float16"))
+    device: str = option("cpu", "cpu, cuda, cuda:1 ...")
+    fsdp: bool = option(False, "under torchrun, shard --method full with FSDP2 (the default on CUDA; DDP otherwise)")
+    progress: bool = option(True, "a progress bar")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -357,14 +363,43 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
     known = {f.name for f in fields(TrainConfig)}
     if unknown := sorted(set(options) - known):
         raise LlamitaError(f"finetune: unknown option {unknown[0]!r}")
-    cfg = TrainConfig(**options)
-    out = Path(out)
+    run = prepare(model, data, Path(out), TrainConfig(**options))
+    train(run)
+    return finish(run)
+
+
+@dataclass
+class Run:
+    """A fine-tuning run as ``prepare`` sets it up: what the loop reads and updates."""
+
+    cfg: TrainConfig
+    source: str | Path | None
+    out: Path
+    d: Dist
+    net: nn.Module  # the model (sharded in place under FSDP)
+    ddp: nn.Module  # what the loop calls: ``net``, or DDP around it
+    lora: LoRAConfig | None
+    examples: list
+    eval_set: Dataset | None
+    optimizer: torch.optim.Optimizer
+    total: int  # optimizer steps
+    start: int  # the step resumed from
+    amp: torch.dtype | None
+    sharded: bool
+
+    @property
+    def per_step(self) -> int:
+        """Records in one optimizer step, over every process."""
+        return self.cfg.batch_size * self.cfg.grad_accum * self.d.world
+
+
+def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainConfig) -> Run:
+    """The model, the data, the optimizer, and where a resumed run stands."""
     d = init_distributed(cfg.device)
     torch.manual_seed(cfg.seed + d.rank)  # LoRA's init is overwritten by rank 0's through DDP
     random.seed(cfg.seed + d.rank)
-
-    net, lora = model_to_train(model, cfg, d.device)
-    tokenizer = load_tokenizer(model)
+    net, lora = model_to_train(source, cfg, d.device)
+    tokenizer = load_tokenizer(source)
     max_length = min(cfg.max_length, net.config.max_seq_len)  # no longer than the model's context
     data_options = dict(format=cfg.format, template=cfg.template, max_length=max_length,
                         train_on_prompt=cfg.train_on_prompt)
@@ -380,13 +415,10 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
     sharded = d.world > 1 and (cfg.fsdp or (cfg.method == "full" and d.device.type == "cuda"))
     if sharded:
         shard(net)
-    params = trainable(net)
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5,
+    optimizer = torch.optim.AdamW(trainable(net).values(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5,
                                   weight_decay=cfg.weight_decay)
-    per_step = cfg.batch_size * cfg.grad_accum * d.world  # records in one optimizer step
+    per_step = cfg.batch_size * cfg.grad_accum * d.world
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(examples) / per_step))
-    amp = autocast_dtype(cfg, d.device)
-
     start = 0
     if cfg.resume and (found := checkpoints(out)):
         start = load_checkpoint(found[-1], net, optimizer, d.rank, sharded)
@@ -398,62 +430,45 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
         atomic_write(out / "metrics.jsonl", lambda p: p.write_text(kept))
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
     ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 and not sharded else net
+    return Run(cfg, source, out, d, net, ddp, lora, examples, eval_set, optimizer, total, start,
+               autocast_dtype(cfg, d.device), sharded)
 
-    bar = None
-    if d.main and cfg.progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc="finetune", unit="step", dynamic_ncols=True)
-    metrics = open(out / "metrics.jsonl", "a") if d.main else None
+def train(run: Run) -> None:
+    """The loop: each step takes its slice of the data stream, accumulates gradients over its
+    micro-batches, clips, steps, then writes its metrics row and (every ``save_every``) a checkpoint."""
+    cfg, d, examples = run.cfg, run.d, run.examples
+    params = list(trainable(run.net).values())
+    bar = progress_bar(run) if d.main and cfg.progress else None
+    metrics = open(run.out / "metrics.jsonl", "a") if d.main else None
     t0, seen = time.perf_counter(), 0
-    for step in range(start, total):
-        lr = lr_at(step, cfg, total)
-        for group in optimizer.param_groups:
+    for step in range(run.start, run.total):
+        lr = lr_at(step, cfg, run.total)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         # This step's records: a slice of the stream; process r takes the r-th share, in micro-batches.
-        idx = order(len(examples), step * per_step, per_step, cfg.seed)
+        idx = order(len(examples), step * run.per_step, run.per_step, cfg.seed)
         batches = [collate([examples[i] for i in idx[k: k + cfg.batch_size]])
-                   for k in range(0, per_step, cfg.batch_size)]
+                   for k in range(0, run.per_step, cfg.batch_size)]
         count = sum(n_labels(b) for b in batches)  # over the global batch: every process knows it
         tokens = sum(len(examples[i].ids) for i in idx)  # real tokens, padding not counted
         seen += tokens
-        mine = batches[d.rank * cfg.grad_accum: (d.rank + 1) * cfg.grad_accum]
-        step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
-        for k, batch in enumerate(mine):
-            sync = k == len(mine) - 1 or d.world == 1
-            if sharded:
-                net.set_requires_gradient_sync(sync)
-            with contextlib.nullcontext() if sync or sharded else ddp.no_sync():
-                s = loss_sum(ddp, batch, d.device, amp)
-                # DDP and FSDP average gradients over processes: scale so the sum over all is the global mean.
-                (s * d.world / max(count, 1)).backward()
-            step_loss += s.detach().double()
-        if d.world > 1:
-            dist.all_reduce(step_loss)
+        step_loss = backward(run, batches[d.rank * cfg.grad_accum: (d.rank + 1) * cfg.grad_accum], count)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params.values(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        row = {"step": done, "loss": step_loss.item() / max(count, 1), "lr": lr, "tokens": tokens,
+        row = {"step": done, "loss": step_loss / max(count, 1), "lr": lr, "tokens": tokens,
                "elapsed_s": round(time.perf_counter() - t0, 3)}
-        if eval_set is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            row["eval_loss"] = evaluate(net, eval_set, cfg.batch_size, d, amp)
-        if done == total and eval_set is not None:
-            row["eval_loss"] = evaluate(net, eval_set, cfg.batch_size, d, amp)
+        if run.eval_set is not None and (done == run.total or cfg.eval_every and done % cfg.eval_every == 0):
+            row["eval_loss"] = evaluate(run.net, run.eval_set, cfg.batch_size, d, run.amp)
         if metrics:  # before the checkpoint: a run resumed from it must find this step's row
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
-        if cfg.save_every and done % cfg.save_every == 0 and done < total:
-            rng = [None] * d.world
-            if d.world > 1:
-                dist.all_gather_object(rng, rng_state())
-            else:
-                rng = [rng_state()]
-            weights, optimizer_state = whole_state(net, optimizer, sharded)
-            if d.main:
-                save_checkpoint(out, done, weights, optimizer_state, rng, cfg)
+        if cfg.save_every and done % cfg.save_every == 0 and done < run.total:
+            checkpoint_run(run, done)
         if bar:
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
                             tok_s=f"{seen / max(row['elapsed_s'], 1e-9):.0f}")
@@ -463,20 +478,61 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
     if metrics:
         metrics.close()
 
-    result = out / ("model" if cfg.method == "full" else "adapter")
-    weights = whole_state(net, None, sharded)[0] if sharded else None  # every weight is trainable here
+
+def backward(run: Run, micro_batches: list[dict[str, Tensor]], count: int) -> float:
+    """Gradients of this process's micro-batches, scaled so that the sum over every process is the
+    global batch's token-mean loss; returns the global batch's summed loss."""
+    d, sharded = run.d, run.sharded
+    step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+    for k, batch in enumerate(micro_batches):
+        sync = k == len(micro_batches) - 1 or d.world == 1
+        if sharded:
+            run.net.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or sharded else run.ddp.no_sync():
+            s = loss_sum(run.ddp, batch, d.device, run.amp)
+            # DDP and FSDP average gradients over processes: scale so the sum over all is the global mean.
+            (s * d.world / max(count, 1)).backward()
+        step_loss += s.detach().double()
+    if d.world > 1:
+        dist.all_reduce(step_loss)
+    return step_loss.item()
+
+
+def checkpoint_run(run: Run, step: int) -> None:
+    """Every process's random state and the whole weights and optimizer state, written by rank 0."""
+    rng = [None] * run.d.world
+    if run.d.world > 1:
+        dist.all_gather_object(rng, rng_state())
+    else:
+        rng = [rng_state()]
+    weights, optimizer_state = whole_state(run.net, run.optimizer, run.sharded)
+    if run.d.main:
+        save_checkpoint(run.out, step, weights, optimizer_state, rng, run.cfg)
+
+
+def progress_bar(run: Run):
+    from tqdm import tqdm
+
+    return tqdm(total=run.total, initial=run.start, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+def finish(run: Run) -> Path:
+    """The adapter (with its template) or the whole model (with the tokenizer), and the loss plot."""
+    cfg, d = run.cfg, run.d
+    result = run.out / ("model" if cfg.method == "full" else "adapter")
+    weights = whole_state(run.net, None, run.sharded)[0] if run.sharded else None  # every weight is trainable here
     if d.main:
-        if lora is not None:
+        if run.lora is not None:
             from llamita.assets import DEFAULT_MODEL_NAME
 
-            save_adapter(net, lora, result, str(model or DEFAULT_MODEL_NAME), template=cfg.template)
+            save_adapter(run.net, run.lora, result, str(run.source or DEFAULT_MODEL_NAME), template=cfg.template)
         else:
             from llamita.formats import save_model
 
-            save_model(net, result, state_dict=weights)
-            write_tokenizer(model, result)
+            save_model(run.net, result, state_dict=weights)
+            write_tokenizer(run.source, result)
             write_template(result, cfg.template)
-        plot_loss(out)
+        plot_loss(run.out)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()

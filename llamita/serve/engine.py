@@ -28,6 +28,7 @@ from llamita.cache import KVCache
 from llamita.errors import LlamitaError
 from llamita.generate import Request, decode_step, prefill
 from llamita.model import Llama
+from llamita.options import option
 
 
 class QueueFull(Exception):
@@ -117,21 +118,33 @@ class Metrics:
         self.ttft_count += 1
 
 
+@dataclass
+class EngineConfig:
+    """How the engine schedules; ``llamita serve``'s flags are made from these fields."""
+
+    max_batch: int = option(16, "requests decoded together (KV-cache rows)")
+    max_queue: int = option(64, "waiting requests before answering 429")
+    max_seq_len: int = option(2048, "context per row: prompt plus new tokens")
+    max_prefill_tokens: int = option(256, "prompt tokens (padded) prefilled in one pass: a burst of prompts is spread "
+                                          "over passes this size, so the first start sooner")
+
+    def __post_init__(self) -> None:
+        for name, least in [("max_batch", 1), ("max_queue", 0), ("max_seq_len", 2), ("max_prefill_tokens", 1)]:
+            if getattr(self, name) < least:
+                raise LlamitaError(f"{name} must be at least {least}, not {getattr(self, name)}")
+
+
 class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
-    def __init__(self, model: Llama, *, max_batch: int = 16, max_queue: int = 64, max_seq_len: int = 2048,
-                 max_prefill_tokens: int = 256):
-        for name, value, least in [("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                                   ("max_seq_len", max_seq_len, 2), ("max_prefill_tokens", max_prefill_tokens, 1)]:
-            if value < least:
-                raise LlamitaError(f"{name} must be at least {least}, not {value}")
+    def __init__(self, model: Llama, config: EngineConfig | None = None):
+        config = config or EngineConfig()
         self.model = model
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.max_prefill_tokens = max_prefill_tokens
-        self.max_seq_len = min(max_seq_len, model.config.max_seq_len)
-        self.rows: list[Job | None] = [None] * max_batch
+        self.max_batch = config.max_batch
+        self.max_queue = config.max_queue
+        self.max_prefill_tokens = config.max_prefill_tokens
+        self.max_seq_len = min(config.max_seq_len, model.config.max_seq_len)
+        self.rows: list[Job | None] = [None] * self.max_batch
         self.cache: KVCache | None = None  # the engine thread's, while it runs
         self.waiting: collections.deque[Job] = collections.deque()
         self.metrics = Metrics()
