@@ -1,15 +1,36 @@
-"""llamita: run, chat with, fine-tune and serve Llama 2 models in plain PyTorch."""
+"""llamita: run, chat with, fine-tune and serve Llama 2 models in plain PyTorch.
 
-from llamita.chat import encode_chat
-from llamita.config import Config
-from llamita.errors import LlamitaError
-from llamita.formats import load_model, save_model
-from llamita.llm import LLM
-from llamita.model import Llama
-from llamita.sampling import SamplingParams
-from llamita.tokenizer import load_tokenizer
-from llamita.train import finetune
+The public API, re-exported lazily: ``import llamita`` costs nothing until a name is used, and no
+module of the package depends on this one.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "Config": "llamita.config", "LLM": "llamita.llm", "Llama": "llamita.model", "LlamitaError": "llamita.errors",
+    "SamplingParams": "llamita.sampling", "encode_chat": "llamita.chat", "finetune": "llamita.train",
+    "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer", "save_model": "llamita.formats",
+}
 __all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "encode_chat", "finetune", "load_model",
            "load_tokenizer", "save_model"]
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from llamita.chat import encode_chat
+    from llamita.config import Config
+    from llamita.errors import LlamitaError
+    from llamita.formats import load_model, save_model
+    from llamita.llm import LLM
+    from llamita.model import Llama
+    from llamita.sampling import SamplingParams
+    from llamita.tokenizer import load_tokenizer
+    from llamita.train import finetune
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llamita' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

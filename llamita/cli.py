@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llamita.serve import serve
+    from llamita.serve.app import serve
 
     serve(load_llm(args), source=args.model, host=args.host, port=args.port,
           config=EngineConfig(**options_of(args, EngineConfig)))

@@ -143,7 +143,8 @@ def decode_step(model: Llama, cache: KVCache, tokens: list[int], positions: list
     pos = torch.tensor(positions, device=cache.device)[:, None]
     length = cache.slots if forward is not None else max(positions) + 1
     kv = cache.sequence_step(pos[0], length) if len(tokens) == 1 else cache.step(pos, length)
-    return (forward or model)(ids, pos, mask=causal_mask(pos, length), kv=kv)[:, 0]
+    step = model if forward is None else forward
+    return step(ids, pos, mask=causal_mask(pos, length), kv=kv)[:, 0]
 def compile_decoding(model: Llama) -> Callable[..., Tensor]:
     """The model's forward through torch.compile, for decoding steps (prompts run eagerly).
 

@@ -10,10 +10,10 @@ import torch
 from llamita.cache import KVCache
 from llamita.chat import Message, encode_chat, resolve_template, stop_token_ids
 from llamita.errors import LlamitaError
-from llamita.formats import detect, load_model
+from llamita.formats import detect, hf, load_model
 from llamita.generate import Request, cache_size_for, compile_decoding, complete, generate
 from llamita.model import Llama
-from llamita.peft import load_adapter, trained_template
+from llamita.peft import adapter_template, load_adapter
 from llamita.sampling import SamplingParams
 from llamita.tokenizer import Tokenizer, load_tokenizer
 
@@ -22,9 +22,9 @@ def trained_template_of(source: str | Path | None, adapter: str | Path | None) -
     """The prompt template recorded by fine-tuning: the adapter's, else the checkpoint's (a
     ``finetune --method full`` or ``merge`` output)."""
     if adapter is not None:
-        return trained_template(adapter)
+        return adapter_template(adapter)
     fmt, path = detect(source)
-    return trained_template(path) if fmt == "hf" else None
+    return hf.trained_template(path) if fmt == "hf" else None
 
 
 class LLM:

@@ -3,8 +3,8 @@
 Module names are Hugging Face's, and llamita keeps q/k in HF's rotary layout, so an adapter's
 tensors map one to one onto PEFT's (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.
 weight``): adapters written here load with ``peft.PeftModel.from_pretrained`` and adapters PEFT
-trained load here. Beside PEFT's files, ``llamita.json`` records the prompt template the adapter
-was trained with, so that chatting with it uses the same one.
+trained load here. The weights file's metadata also records the prompt template the adapter was
+trained with (``llamita_template``, which PEFT ignores), so that chatting with it uses the same one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from llamita.formats.hf import from_hf_name, hf_name
 from llamita.lora import TARGETS, LoRAConfig, LoRALinear, _replace, lora_layers, merge_lora, target_parts
 from llamita.nf4 import NF4Linear
 
-CONFIG_FILE, WEIGHTS_FILE, LLAMITA_FILE = "adapter_config.json", "adapter_model.safetensors", "llamita.json"
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+TEMPLATE_KEY = "llamita_template"
 _PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
@@ -46,7 +47,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
 def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, base_model: str = "",
                  template: str | None = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT does, each atomically;
-    ``template``: the prompt format it was trained with, recorded in ``llamita.json``."""
+    ``template``: the prompt format it was trained with, recorded in the weights' metadata."""
     directory = Path(directory)
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
@@ -57,26 +58,19 @@ def save_adapter(model: nn.Module, config: LoRAConfig, directory: str | Path, ba
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
     }
     tensors = adapter_tensors(model)
-    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    metadata = {"format": "pt", **({TEMPLATE_KEY: template} if template else {})}
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata))
     atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(peft_config, indent=2) + "\n"))
-    if template is not None:
-        write_template(directory, template)
 
 
-def write_template(directory: Path, template: str) -> None:
-    """Record the prompt template a model or adapter was trained with (``llamita.json``)."""
-    atomic_write(directory / LLAMITA_FILE, lambda p: p.write_text(json.dumps({"template": template}) + "\n"))
-
-
-def trained_template(directory: str | Path) -> str | None:
-    """The template recorded by ``write_template`` in ``directory``, if any."""
-    file = Path(directory).expanduser() / LLAMITA_FILE
-    if not file.is_file():
-        return None
-    template = read_json(file).get("template")
-    if not isinstance(template, str):
-        raise LlamitaError(f"{file}: field 'template' must be a string")
-    return template
+def adapter_template(directory: str | Path) -> str | None:
+    """The prompt template the adapter was trained with, if ``save_adapter`` recorded one."""
+    weights = Path(directory).expanduser() / WEIGHTS_FILE
+    try:
+        with safe_open(weights, framework="pt") as f:
+            return (f.metadata() or {}).get(TEMPLATE_KEY)
+    except (SafetensorError, OSError) as e:
+        raise LlamitaError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[Tensor, Tensor]]]:

@@ -47,7 +47,7 @@ from llamita.lora import LoRAConfig, apply_lora
 from llamita.model import Llama
 from llamita.nf4 import quantize_nf4
 from llamita.options import option
-from llamita.peft import save_adapter, write_template
+from llamita.peft import save_adapter
 from llamita.tokenizer import load_tokenizer
 
 METHODS = ("lora", "qlora", "full")
@@ -529,9 +529,8 @@ def finish(run: Run) -> Path:
         else:
             from llamita.formats import save_model
 
-            save_model(run.net, result, state_dict=weights)
+            save_model(run.net, result, state_dict=weights, template=cfg.template)
             write_tokenizer(run.source, result)
-            write_template(result, cfg.template)
         plot_loss(run.out)
     if d.world > 1:
         dist.barrier()

@@ -166,6 +166,6 @@ def test_packed_forward_equals_each_record_alone(default_model):
     batch = collate(pack(examples, max_length=16))
     assert batch["ids"].shape == (1, 12)
     with torch.no_grad():
-        packed = default_model(batch["ids"], batch["positions"], attn_mask=batch["mask"])[0]
+        packed = default_model(batch["ids"], batch["positions"], mask=batch["mask"])[0]
         alone = torch.cat([default_model(torch.tensor([ids]))[0] for ids in records])
     assert (packed - alone).abs().max().item() < 1e-4

@@ -15,14 +15,12 @@ from llamita.formats import detect, load_model, save_model
 def merge(base: str | Path | None, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> None:
     """``llamita merge``: the base with the adapter folded in, as a Hugging Face checkpoint with the
     base's tokenizer (and the adapter's training template), which llamita and transformers load."""
-    from llamita.peft import load_adapter, trained_template, write_template
+    from llamita.peft import adapter_template, load_adapter
 
     model = load_model(base, dtype=dtype)
     load_adapter(model, adapter, merge=True)
-    save_model(model, out)
+    save_model(model, out, template=adapter_template(adapter))
     write_tokenizer(base, out)
-    if (template := trained_template(adapter)) is not None:
-        write_template(Path(out), template)
 
 
 def write_tokenizer(source: str | Path | None, directory: str | Path) -> None:

@@ -18,6 +18,9 @@ from llamita.files import atomic_write, load_torch_file, read_json
 from llamita.formats.checkpoint import Checkpoint
 
 
+TEMPLATE_KEY = "llamita_template"  # config.json: the prompt template a fine-tuned checkpoint learned
+
+
 def hf_name(name: str) -> str:
     """llamita's parameter name -> the name in an HF LlamaForCausalLM state dict."""
     return name if name.startswith("lm_head.") else f"model.{name}"
@@ -99,7 +102,14 @@ def read(path: Path) -> Checkpoint:
     )
 
 
-def write(config: Config, tensors: dict[str, Tensor], directory: Path, shard_bytes: int) -> None:
+def trained_template(path: Path) -> str | None:
+    """The prompt template recorded in config.json by fine-tuning or merging, if any."""
+    template = read_json(path / "config.json").get(TEMPLATE_KEY)
+    return template if isinstance(template, str) else None
+
+
+def write(config: Config, tensors: dict[str, Tensor], directory: Path, shard_bytes: int,
+          template: str | None = None) -> None:
     """Write config.json and safetensors that transformers' LlamaForCausalLM loads.
 
     Each file goes through a temporary name and ``os.replace``; the index (or the single file)
@@ -118,7 +128,7 @@ def write(config: Config, tensors: dict[str, Tensor], directory: Path, shard_byt
         shards[-1][hf_name(name)] = t.detach().contiguous().cpu()
         size += nb
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    cfg = {**config_to_hf(config), "torch_dtype": dtype}
+    cfg = {**config_to_hf(config), "torch_dtype": dtype, **({TEMPLATE_KEY: template} if template else {})}
     atomic_write(directory / "config.json", lambda p: p.write_text(json.dumps(cfg, indent=2) + "\n"))
     if len(shards) == 1:
         atomic_write(directory / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))

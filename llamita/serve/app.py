@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import AsyncIterator
 
 from fastapi import FastAPI
@@ -101,3 +102,11 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(Exception)
     async def internal(_: HttpRequest, e: Exception) -> JSONResponse:
         return ApiError(500, f"internal error: {type(e).__name__}", type="server_error").response()
+
+
+def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
+    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (``config``, or EngineConfig's fields)."""
+    import uvicorn
+
+    name = Path(source).name if source else DEFAULT_MODEL_NAME
+    uvicorn.run(create_app(llm, model_name=name, **options), host=host, port=port, log_level="info")
