@@ -23,13 +23,14 @@ def write_random_hf(preset: str, directory: Path, shard_bytes: int = 2 * 1024**3
     import torch
     from safetensors.torch import save_file
 
+    from llamita import layout
     from llamita.config import Config, config_to_hf
     from llamita.formats.hf import hf_name
     from llamita.model import Llama
 
     config = Config.from_name(preset)
-    with torch.device("meta"):
-        shapes = {name: p.shape for name, p in Llama(config).named_parameters()}
+    with torch.device("meta"):  # the checkpoint's names and shapes (q/k/v and gate/up apart)
+        shapes = {name: t.shape for name, t in layout.split(Llama(config).state_dict(), config).items()}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps({**config_to_hf(config), "torch_dtype": "bfloat16"}))
     shards: list[list[str]] = [[]]
