@@ -54,7 +54,7 @@ def worker(args) -> None:
     torch.manual_seed(0)
     data = batches(args)
     if args.impl == "llamita":
-        from llamita.train import TrainConfig, model_to_train, loss_sum, n_labels
+        from llamita.train import TrainConfig, loss_sum, model_to_train, n_labels
 
         model, _ = model_to_train(args.model, TrainConfig(lora_targets="all", lora_r=8, lora_alpha=16, lora_dropout=0.05),
                                torch.device("cpu"))

@@ -22,8 +22,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
 from llamita.errors import LlamitaError
-from llamita.formats import detect
 from llamita.files import read_json
+from llamita.formats import detect
 
 _PIECE = sp_pb2.ModelProto.SentencePiece  # piece types; GGUF's token_type uses the same numbers (1..6)
 

@@ -262,8 +262,7 @@ def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, shard
     if not sharded:
         return ({n: p.detach().contiguous().cpu() for n, p in trainable(model).items()},
                 optimizer.state_dict() if optimizer else None)
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     names = set(trainable(model))
@@ -306,8 +305,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             raise LlamitaError(f"{path}: its weights do not match this run's trainable weights "
                                "(another --method or --lora-targets?)")
         if sharded:  # every process reads the whole checkpoint and keeps its shards
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             options = StateDictOptions(full_state_dict=True, strict=False)
             set_model_state_dict(model, {n: f.get_tensor(n) for n in params}, options=options)

@@ -89,7 +89,8 @@ def test_json_array_jsonl_truncation_and_split(smol, tmp_path):
     assert [e.ids[:60] for e in full.examples] == [e.ids for e in a.examples]
     train, val = split(a, 0.4, seed=0)
     assert (len(train), len(val)) == (3, 2)
-    assert sorted(map(tuple, (e.ids for e in train.examples + val.examples))) == sorted(tuple(e.ids) for e in a.examples)
+    assert sorted(map(tuple, (e.ids for e in train.examples + val.examples))) == sorted(
+        tuple(e.ids) for e in a.examples)
 
 
 def test_text_format_learns_every_token(smol, tmp_path):
@@ -159,6 +160,7 @@ def test_bad_sources_and_templates(smol, tmp_path):
         read_records("bertin-project/alpaca-spanish")
 
 
+@pytest.mark.slow
 def test_packed_forward_equals_each_record_alone(default_model):
     """Packed records attend only within themselves: their logits equal each record's own forward."""
     records = [[5, 17, 300, 42], [9, 1000, 7], [123, 4, 56, 78, 90]]

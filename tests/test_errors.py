@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llamita
+from helpers import write_meta_checkpoint, write_tiny_gguf
 from llamita import LlamitaError
-from conftest import write_tiny_gguf
 
 
 @pytest.fixture
@@ -73,8 +73,6 @@ def test_truncated_gguf(tmp_path):
 
 
 def test_truncated_pth(tmp_path):
-    from test_formats_meta import write_meta_checkpoint
-
     write_meta_checkpoint(tmp_path, {"dim": 32, "n_layers": 1, "n_heads": 4, "multiple_of": 16, "vocab_size": -1},
                           vocab=40, n_shards=2)
     truncate(tmp_path / "consolidated.01.pth")
@@ -116,6 +114,7 @@ def test_unsupported_quantization_type(tmp_path):
     assert "q.gguf" in msg and "Q8_K" in msg and "ffn_up" in msg
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     (tmp_path / "x.gguf").write_bytes(b"junk")
     out = subprocess.run([sys.executable, "-m", "llamita", "info", str(tmp_path / "x.gguf")],

@@ -10,10 +10,10 @@ import sys
 import pytest
 
 import llamita
+from helpers import tiny_base, write_data
 from llamita.data import IGNORE, encode_record
 from llamita.formats.export import merge
 from llamita.llm import LLM
-from test_train import tiny_base, write_data
 
 
 @pytest.fixture(scope="module")

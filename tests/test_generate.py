@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from helpers import run_cli
 from llamita import LlamitaError
 from llamita.generate import Request, StopMatcher, generate
 from llamita.llm import LLM
@@ -29,6 +27,7 @@ def greedy_ids(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
     return [r.output_ids + ([] if r.finish_reason == "length" else ["<stop>"]) for r in requests]
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers(default_llm, hf_default_model):
     for messages in CHATS:
         prompt = default_llm.encode_chat(messages)
@@ -42,6 +41,7 @@ def test_greedy_matches_transformers(default_llm, hf_default_model):
         assert ours == theirs, messages
 
 
+@pytest.mark.slow
 def test_batch_equals_single(default_llm):
     prompts = [default_llm.encode_chat(m) for m in CHATS[:3]] + [default_llm.encode("Once upon a time")]
     assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ
@@ -54,6 +54,7 @@ def test_batch_equals_single(default_llm):
                      for p in ["Once upon a time", "The capital of Italy is"]]
 
 
+@pytest.mark.slow
 def test_chat_next_turn_runs_only_its_new_tokens(default_llm):
     """An LLM keeps its KV cache between calls (the model holds none in between): a chat's next
     turn feeds the model only what the cache lacks, and answers as ``generate`` in a fresh cache."""
@@ -74,6 +75,7 @@ def test_chat_next_turn_runs_only_its_new_tokens(default_llm):
     assert reply == "".join(text for _, text in generate(llm.model, [fresh]))
 
 
+@pytest.mark.slow
 def test_same_seed_same_text(default_llm):
     kw = dict(temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=20)
     a = default_llm.chat(CHATS[2], seed=7, **kw)
@@ -92,7 +94,8 @@ def fed(llm: LLM, text: str, stop: list[str]) -> tuple[list[str], Request]:
     return chunks, r
 
 
-@pytest.mark.parametrize("text", ["¿Qué tal? Él comió piña en Málaga — ¡olé! 🦙🎉👩‍👩‍👧 fin", "naïve café ñandú 😀😀 x"])
+@pytest.mark.parametrize("text", ["¿Qué tal? Él comió piña en Málaga — ¡olé! 🦙🎉👩‍👩‍👧 fin",
+                                  "naïve café ñandú 😀😀 x"])
 def test_stream_chunks_join_to_the_text(default_llm, text):
     chunks, r = fed(default_llm, text, stop=[])
     chunks.append(r.decoder.flush() + r.matcher.flush())
@@ -100,6 +103,7 @@ def test_stream_chunks_join_to_the_text(default_llm, text):
     assert not any("\ufffd" in c for c in chunks)
 
 
+@pytest.mark.slow
 def test_stream_of_a_real_generation_joins_to_decode(default_llm):
     request = default_llm.request(default_llm.encode_chat(CHATS[2]), temperature=0, max_new_tokens=40)
     chunks = [text for _, text in generate(default_llm.model, [request])]
@@ -117,6 +121,7 @@ def test_stop_string_split_across_tokens(default_llm):
     assert "".join(chunks) == "The quick br"
 
 
+@pytest.mark.slow
 def test_stop_string_in_model_output(default_llm):
     full = default_llm.generate("The capital of France is", temperature=0, max_new_tokens=30)
     stop = full[10:16]
@@ -134,6 +139,7 @@ def test_stop_matcher_holds_back_only_possible_starts():
     assert m.push("yy END zz") == ("yy ", True)
 
 
+@pytest.mark.slow
 def test_eos_stops_with_reason_stop_and_length_otherwise(default_llm):
     prompt = default_llm.encode_chat(CHATS[0])
     short = default_llm.request(prompt, temperature=0, max_new_tokens=3)
@@ -157,17 +163,14 @@ def test_bad_sampling_options():
             SamplingParams(**bad)
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llamita", *args], input=stdin, capture_output=True, text=True,
-                          timeout=300)
-
-
+@pytest.mark.slow
 def test_cli_generate(default_llm):
     out = run_cli("generate", "The capital of France is", "--temperature", "0", "--max-new-tokens", "12")
     assert out.returncode == 0, out.stderr
     assert out.stdout == default_llm.generate("The capital of France is", temperature=0, max_new_tokens=12) + "\n"
 
 
+@pytest.mark.slow
 def test_cli_chat_piped(default_llm):
     out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "16", "--system", "You are brief.",
                   stdin="What is the capital of France?\nAnd of Spain?\n")
@@ -182,6 +185,7 @@ def test_cli_chat_piped(default_llm):
     assert "\n".join(lines) == f"{first}\n{second}"
 
 
+@pytest.mark.slow
 def test_repetition_penalty_covers_prompt_and_output(default_llm):
     r = default_llm.request(default_llm.encode("one one one one"), temperature=0, max_new_tokens=8,
                             repetition_penalty=1.3)
@@ -190,3 +194,19 @@ def test_repetition_penalty_covers_prompt_and_output(default_llm):
     assert r.seen[r.prompt_ids + r.output_ids].all() and int(r.seen.sum()) == len(set(r.prompt_ids + r.output_ids))
     plain = default_llm.generate("one one one one", temperature=0, max_new_tokens=8)
     assert default_llm.tokenizer.decode(r.output_ids) != plain
+
+
+@pytest.mark.slow
+def test_repetition_penalty_matches_transformers(default_llm, hf_default_model, hf_smol):
+    """Greedy decoding with a repetition penalty gives transformers' text for the same prompt ids
+    (CTRL's rule over the prompt and the output, as transformers applies it)."""
+    prompt = "1, 2, 3, 4, 5,"  # unpenalised, greedy decoding keeps counting
+    ids = hf_smol(prompt)["input_ids"]
+    ours = default_llm.generate(prompt, temperature=0, repetition_penalty=1.3, max_new_tokens=24)
+    with torch.no_grad():
+        out = hf_default_model.generate(torch.tensor([ids]), do_sample=False, repetition_penalty=1.3,
+                                        max_new_tokens=24, pad_token_id=2)
+    new = out[0, len(ids):].tolist()
+    assert len(new) == 24 and not set(new) & set(hf_smol.all_special_ids)  # no stop: both ran 24 tokens
+    assert ours == hf_smol.decode(new)
+    assert ours != default_llm.generate(prompt, temperature=0, max_new_tokens=24)  # the penalty changed the text

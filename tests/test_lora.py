@@ -12,13 +12,12 @@ from safetensors.torch import save_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import llamita
+import llamita.formats.export
+from helpers import CONFIGS, FAST, alpaca_records, losses, random_tokens, tiny_base, tiny_hf, write_data
 from llamita import cli
 from llamita.errors import LlamitaError
-import llamita.formats.export
 from llamita.lora import LoRAConfig, LoRADropout, LoRALinear, apply_lora, parse_targets
 from llamita.peft import load_adapter
-from test_formats_hf import CONFIGS, random_tokens, tiny_hf
-from test_train import FAST, tiny_base, write_data
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +71,43 @@ def test_trained_adapter_loads_in_peft_with_equal_logits(base, tmp_path):
         assert (merged(ids()) - expected).abs().max() < 1e-4
 
 
+# Stanford Alpaca's prompt (its train.py, PROMPT_DICT["prompt_no_input"]), written out here.
+ALPACA = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+          "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+
+def test_first_step_loss_equals_transformers_and_peft(base, tmp_path):
+    """Step 1's loss in metrics.jsonl is the token-mean cross entropy of the responses (and their
+    EOS) that transformers + peft give for the same records: formatting, masking and the loss agree.
+    All 4 records make the one batch, so their order does not matter; LoRA's B starts at zero, so
+    this is also the base model's loss."""
+    records = alpaca_records(4)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    llamita.finetune(base, data, tmp_path / "run", steps=1, batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                     lora_targets=",".join(targets), lr=1e-2, warmup=1, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and losses(tmp_path / "run") == [rows[0]["loss"]]
+
+    tok = AutoTokenizer.from_pretrained(base)
+    model = get_peft_model(hf(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)).eval()
+    total, count = 0.0, 0
+    for r in records:
+        prompt = [tok.bos_token_id] + tok.encode(ALPACA.format(instruction=r["instruction"]), add_special_tokens=False)
+        answer = tok.encode(r["output"], add_special_tokens=False) + [tok.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1]  # position t predicts token t + 1
+        target = labels[0, 1:]
+        total += torch.nn.functional.cross_entropy(logits[target != -100], target[target != -100],
+                                                   reduction="sum").item()
+        count += int((target != -100).sum())
+    assert count == sum(len(tok.encode(r["output"], add_special_tokens=False)) + 1 for r in records)
+    assert rows[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_adapter_loads_in_llamita(tmp_path, rslora):
     ref = tiny_hf(11, **CONFIGS["gqa-tied"])
@@ -92,6 +128,7 @@ def test_peft_adapter_loads_in_llamita(tmp_path, rslora):
         assert (ours(tokens) - expected).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_merge_matches_transformers_and_keeps_the_tokenizer(base, tmp_path):
     data = write_data(tmp_path / "d.jsonl")
     adapter = llamita.finetune(base, data, tmp_path / "run", steps=4, **FAST)
@@ -108,16 +145,19 @@ def test_merge_matches_transformers_and_keeps_the_tokenizer(base, tmp_path):
     assert llamita.load_tokenizer(tmp_path / "merged").chat_template == with_adapter.tokenizer.chat_template
 
 
+@pytest.mark.slow
 def test_merge_of_the_default_gguf_model(default_gguf, tmp_path):
     """A GGUF base: the merged folder carries tokenizer.json and the chat template from the GGUF."""
     model = llamita.load_model(default_gguf, dtype=torch.float32)
     q = model.layers[0].self_attn.o_proj  # q_proj's shape: dim x dim
     g = torch.Generator().manual_seed(0)
-    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, q.in_features, generator=g),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(q.out_features, 2, generator=g)}
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors = {f"{prefix}.lora_A.weight": torch.randn(2, q.in_features, generator=g),
+               f"{prefix}.lora_B.weight": torch.randn(q.out_features, 2, generator=g)}
     (tmp_path / "adapter").mkdir()
     save_file(tensors, tmp_path / "adapter" / "adapter_model.safetensors")
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
     llamita.formats.export.merge(default_gguf, tmp_path / "adapter", tmp_path / "merged")
     theirs = LlamaForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     load_adapter(model, tmp_path / "adapter")
@@ -137,7 +177,8 @@ def test_adapter_for_another_base_is_refused(base, tmp_path):
     peft_model.save_pretrained(tmp_path / "other")  # k_proj: 64x64 there, 32x64 (2 kv heads) here
     model = llamita.load_model(base, dtype=torch.float32)
     with pytest.raises(LlamitaError, match=r"adapter_model.safetensors: model.layers.0.self_attn.k_proj lora_A "
-                                           r"\(2, 64\) / lora_B \(64, 2\) do not fit a 32x64 layer: an adapter for a different base"):
+                                           r"\(2, 64\) / lora_B \(64, 2\) do not fit a 32x64 layer: "
+                                           r"an adapter for a different base"):
         load_adapter(model, tmp_path / "other")
     deeper = tiny_hf(1, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=5,
                      vocab_size=300)  # the same shapes, two layers more

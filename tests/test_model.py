@@ -19,6 +19,7 @@ def default_model_f64(default_gguf):
     return llamita.load_model(default_gguf, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_incremental_decoding_equals_full_forward(default_model_f64):
     model = default_model_f64
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -34,6 +35,7 @@ def test_incremental_decoding_equals_full_forward(default_model_f64):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 
+@pytest.mark.slow
 def test_rows_at_different_positions_share_one_cache(default_model):
     """Each row of a batch writes its own positions: a row decoding alone gives the same logits."""
     vocab = default_model.config.vocab_size
@@ -51,6 +53,7 @@ def test_rows_at_different_positions_share_one_cache(default_model):
     assert (out[1] - ref_b).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,count", [("llama-2-7b", "6,738,415,616"), ("llama-2-13b-chat", "13,015,864,320"),
                                         ("llama-2-70b", "68,976,648,192")])
 def test_preset_parameter_counts_from_cli(name, count):

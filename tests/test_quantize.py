@@ -10,17 +10,24 @@ import numpy as np
 import pytest
 import torch
 
-from llamita.formats import interleaved_to_half
-from llamita.formats.gguf import open_gguf, q4_1_tensors
-from llamita.config import Config
+from helpers import run_cli
 from llamita import LlamitaError
 from llamita.cache import KVCache
+from llamita.config import Config
+from llamita.formats import interleaved_to_half
+from llamita.formats.gguf import open_gguf, q4_1_tensors
 from llamita.generate import cache_size_for, compile_decoding, decode_step
 from llamita.llm import LLM
 from llamita.model import Llama
-from test_generate import run_cli
-from llamita.quantize import (DEQUANTIZE_FROM_ROWS, Float16Linear, Int4Linear, ScreenedLMHead, group_quantize,
-                              quantize_float16, quantize_int4)
+from llamita.quantize import (
+    DEQUANTIZE_FROM_ROWS,
+    Float16Linear,
+    Int4Linear,
+    ScreenedLMHead,
+    group_quantize,
+    quantize_float16,
+    quantize_int4,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -39,7 +46,8 @@ def test_int4_linear_matches_matmul_of_its_weights(device, group_size, rows):
     w = torch.randn(384, 256, device=device)
     codes, scales, zeros = group_quantize(w, group_size)
     layer = Int4Linear.from_codes(codes, scales, zeros, group_size)
-    torch.testing.assert_close(layer.dequantize(), dequantize_reference(codes, scales, zeros, group_size, torch.bfloat16))
+    torch.testing.assert_close(layer.dequantize(),
+                               dequantize_reference(codes, scales, zeros, group_size, torch.bfloat16))
     x = torch.randn(1, rows, 256, device=device).bfloat16()
     ref = x.float() @ layer.dequantize().T
     y = layer(x)
@@ -82,7 +90,7 @@ def test_constant_group_is_exact():
 
 def test_bad_group_size():
     with pytest.raises(ValueError):
-        group_quantize(torch.randn(8, 48), 32)
+        group_quantize(torch.randn(8, 48, generator=torch.Generator().manual_seed(0)), 32)
     with pytest.raises(ValueError):
         Int4Linear(64, 8, group_size=16)
 
@@ -123,6 +131,7 @@ def test_q4_1_codes_reproduce_the_gguf_dequantization(default_gguf, default_mode
     assert seen == len(wanted)
 
 
+@pytest.mark.slow
 def test_requantizing_the_float_weights_gives_the_same_int4(hf_default_model, int4_model):
     """min/max per 32-group recovers Q4_1's own codes and scales, so the float path is lossless
     too; fused layers hold their parts' rows in order (q, k, v; gate, up)."""
@@ -137,6 +146,7 @@ def test_requantizing_the_float_weights_gives_the_same_int4(hf_default_model, in
         torch.testing.assert_close(requantized.scales_and_zeros, from_file.scales_and_zeros, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_quantized_model_structure(default_model, int4_model):
     for layer in int4_model.layers:
         attn, mlp = layer.self_attn, layer.mlp
@@ -151,6 +161,7 @@ def test_quantized_model_structure(default_model, int4_model):
     assert default_model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32  # the original is untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [16, DEQUANTIZE_FROM_ROWS + 16])  # decode's kernel; a prompt's GEMM
 def test_quantized_model_agrees_with_float32(default_model, int4_model, length):
     """The int4 weights are the file's own values (up to bfloat16 scales), so mostly the
@@ -165,6 +176,7 @@ def test_quantized_model_agrees_with_float32(default_model, int4_model, length):
         assert torch.corrcoef(torch.stack([r, o]))[0, 1] > 0.97
 
 
+@pytest.mark.slow
 def test_quantized_model_decodes_with_the_cache(int4_model):
     """Token-by-token with the KV cache gives the logits of one full forward."""
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 5045, 30]])
@@ -178,6 +190,7 @@ def test_quantized_model_decodes_with_the_cache(int4_model):
     torch.testing.assert_close(steps, full, atol=0.1 * full.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_decoding_matches_eager():
     """``compile_decoding`` (fixed shapes: attention over the whole power-of-two cache, masked)
     gives eager decoding's tokens and logits, on an int4 model as LLM.load(compile=True) runs it."""
@@ -200,6 +213,7 @@ def test_compiled_decoding_matches_eager():
     torch.testing.assert_close(fixed, eager, atol=1e-3 * eager.abs().max().item(), rtol=0)
 
 
+@pytest.mark.slow
 def test_screened_lm_head_is_exact_on_its_shortlist(int4_model):
     """The shortlist's logits are the 16-bit weights' own (float32 products); the rest are the
     int4 screen's, and the greedy choice is the exact output layer's."""
@@ -233,8 +247,9 @@ def float16_model(default_model):
     return quantize_float16(copy.deepcopy(default_model))
 
 
+@pytest.mark.slow
 def test_float16_model_structure(default_model, float16_model, hf_default_model):
-    for i, layer in enumerate(float16_model.layers):
+    for layer in float16_model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert all(isinstance(m, Float16Linear) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
         assert not any(hasattr(m, p) for m, p in [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"),
@@ -248,6 +263,7 @@ def test_float16_model_structure(default_model, float16_model, hf_default_model)
     assert default_model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32  # the original is untouched
 
 
+@pytest.mark.slow
 def test_float16_model_matches_transformers(float16_model, hf_default_model, smol):
     """float16 weights lose ~3 decimal digits against the float32 reference: the logits stay
     within a few hundredths and nearly every greedy choice is the same."""
@@ -267,6 +283,7 @@ def float16_llm(default_gguf):
     return LLM.load(default_gguf, quantize="float16")
 
 
+@pytest.mark.slow
 def test_float16_llm_batches_and_decodes_like_transformers(float16_llm, hf_default_model):
     """LLM.load(quantize="float16"): greedy text as transformers' float32 model gives it, and the
     same in a batch (the server's path) as alone."""
@@ -287,6 +304,7 @@ def test_float16_refuses_what_it_cannot_do(default_gguf):
         LLM.load(default_gguf, quantize="int8")
 
 
+@pytest.mark.slow
 def test_cli_quantize_float16(float16_llm):
     out = run_cli("generate", "The capital of France is", "--quantize", "float16", "--temperature", "0",
                   "--max-new-tokens", "12")

@@ -20,6 +20,8 @@ import httpx  # a missing test dependency fails the module loudly: no skips
 import openai
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here talks to a server in a subprocess
+
 MODEL = "smollm2-135m-instruct"
 SEQ_LEN = 1024
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a request that runs until stopped

@@ -12,7 +12,6 @@ import gguf
 import pytest
 import sentencepiece as spm
 import transformers
-
 from tokenizers import pre_tokenizers
 
 from llamita import assets
@@ -166,6 +165,7 @@ def test_smollm_pre_splits_digits_like_llama_cpp(smol: Tokenizer, hf_smol) -> No
     assert smol.encode(text) == reference.encode(text, add_special_tokens=False)
 
 
+@pytest.mark.slow
 def test_llama3_pre_tokenizer_matches_transformers(smol: Tokenizer, tmp_path: Path) -> None:
     # The same vocabulary declared with Llama 3's split ("llama-bpe"): transformers builds its own
     # pre-tokenizer for that name from the GGUF, so we compare against it on the mixed text.

@@ -14,44 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaForCausalLM
 
 import llamita
+from helpers import FAST, losses, tiny_base, write_data
 from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.nf4 import NF4_LEVELS, NF4Linear, nf4_dequantize, nf4_quantize
 from llamita.train import TrainConfig, lr_at, model_to_train
-from test_formats_hf import tiny_hf
 
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-WORDS = ["gato", "casa", "pescado", "grande", "perro", "libro", "agua", "verde", "cat", "house", "fish", "big"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-
-
-def tiny_base(path: Path, seed: int = 0, **config) -> Path:
-    """A random tiny Llama in HF's layout with a small byte-level BPE tokenizer and a chatml template."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    text = [" ".join(WORDS), "repite la palabra: below is an instruction response"] * 10
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(text, trainer)
-    cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-               max_position_embeddings=256, initializer_range=0.1)
-    tiny_hf(seed, **{**cfg, **config}).save_pretrained(path)
-    tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHATML}))
-    return path
-
-
-def write_data(path: Path, n: int = 12) -> Path:
-    records = [{"instruction": f"repite {w}", "input": "", "output": f"{w} {w} {w}"} for w in (WORDS * 3)[:n]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +36,7 @@ def data(tmp_path_factory) -> Path:
     return write_data(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
-def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-FAST = dict(lr=1e-2, warmup=2, batch_size=4, lora_targets="all", progress=False)
-
-
+@pytest.mark.slow
 def test_lora_loss_goes_down_and_outputs(base, data, tmp_path):
     out = tmp_path / "run"
     result = llamita.finetune(base, data, out, steps=40, val_split=0.25, eval_every=20, **FAST)
@@ -93,6 +59,7 @@ def test_lr_schedule():
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_grad_checkpoint_and_accumulation_give_the_same_steps(base, data, tmp_path):
     plain = dict(steps=4, lora_dropout=0.0, **{**FAST, "batch_size": 4})
     llamita.finetune(base, data, tmp_path / "a", **plain)
@@ -103,6 +70,7 @@ def test_grad_checkpoint_and_accumulation_give_the_same_steps(base, data, tmp_pa
     assert a[0] != a[-1]
 
 
+@pytest.mark.slow
 def test_every_checkpoint_finds_its_steps_metrics_on_disk(base, data, tmp_path, monkeypatch):
     """A run killed right after writing a checkpoint must resume with that step's metrics row, so
     the row is on disk before the checkpoint is written."""
@@ -120,6 +88,7 @@ def test_every_checkpoint_finds_its_steps_metrics_on_disk(base, data, tmp_path, 
     assert seen == {2: [1, 2], 4: [1, 2, 3, 4]}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
     args = [sys.executable, "-m", "llamita", "finetune", str(base), "--data", str(data), "--steps", "60",
             "--save-every", "5", "--keep-last", "2", "--lr", "1e-2", "--warmup", "3", "--batch-size", "3",
@@ -151,6 +120,7 @@ def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
         "step-50", "step-55"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_equal_one_with_twice_the_batch(base, data, tmp_path):
     common = ["finetune", str(base), "--data", str(data), "--steps", "3", "--lr", "1e-2", "--warmup", "1",
               "--lora-dropout", "0", "--lora-targets", "all", "--no-progress"]
@@ -165,6 +135,7 @@ def test_torchrun_two_processes_equal_one_with_twice_the_batch(base, data, tmp_p
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
+@pytest.mark.slow
 def test_fsdp_full_finetune_equals_one_process_and_resumes(base, data, tmp_path):
     """FSDP2 (--fsdp, gloo on CPU): 2 processes with batch 2 train as 1 process with batch 4, and
     a run resumed from a checkpoint gathered from the shards ends where the uninterrupted one did."""
@@ -208,6 +179,7 @@ def test_nf4_rounds_to_the_nearest_level():
     assert len(NF4_LEVELS) == 16 and NF4_LEVELS[7] == 0 and NF4_LEVELS[0] == -1 and NF4_LEVELS[-1] == 1
 
 
+@pytest.mark.slow
 def test_qlora_trains_and_frozen_weights_take_under_a_third(base, data, tmp_path):
     model, _ = model_to_train(base, TrainConfig(method="qlora", lora_targets="all"), torch.device("cpu"))
     quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]

@@ -17,7 +17,6 @@ from llamita.errors import LlamitaError
 from llamita.files import atomic_write, load_torch_file, read_json
 from llamita.formats.checkpoint import Checkpoint
 
-
 TEMPLATE_KEY = "llamita_template"  # config.json: the prompt template a fine-tuned checkpoint learned
 
 

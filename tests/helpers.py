@@ -1,0 +1,212 @@
+"""Builders shared by the test modules: tiny checkpoints in each format, training data, the CLI.
+
+Test modules import these (``from helpers import ...``); conftest.py holds only fixtures, and no
+test module imports another. Every builder is seeded: the same call writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# --- GGUF --------------------------------------------------------------------------------------------
+
+# Types gguf.quants.quantize can write from real floats; the rest are filled with random block bytes.
+QUANTIZABLE = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llama", seed: int = 0,
+                    valid_blocks: bool = False):
+    """A small llama GGUF written with the gguf package's own writer; ``types`` maps tensor names
+    to a GGML type whose block bytes are filled at random (so every type can be stored).
+
+    ``valid_blocks``: write blocks a real quantizer could have written, so every dequantized value
+    is finite and of the float weights' size: the types in ``QUANTIZABLE`` quantize Gaussian floats
+    with ``gguf.quants.quantize``; the k-quants (which it cannot write) get random codes under small
+    finite float16 scales. The file then also records ``{arch}.vocab_size``, which transformers'
+    GGUF loader needs when the file has no tokenizer."""
+    import gguf
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES
+
+    rng = np.random.default_rng(seed)
+    dim, hidden, vocab, heads, kv = 256, 512, 64, 4, 2
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_uint32(f"{arch}.block_count", 1)
+    w.add_uint32(f"{arch}.context_length", 128)
+    w.add_uint32(f"{arch}.embedding_length", dim)
+    w.add_uint32(f"{arch}.feed_forward_length", hidden)
+    w.add_uint32(f"{arch}.attention.head_count", heads)
+    w.add_uint32(f"{arch}.attention.head_count_kv", kv)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    if valid_blocks:
+        w.add_uint32(f"{arch}.vocab_size", vocab)
+    shapes = {
+        "token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim),
+        "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,),
+        "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (dim // heads * kv, dim),
+        "blk.0.attn_v.weight": (dim // heads * kv, dim), "blk.0.attn_output.weight": (dim, dim),
+        "blk.0.ffn_gate.weight": (hidden, dim), "blk.0.ffn_up.weight": (hidden, dim),
+        "blk.0.ffn_down.weight": (dim, hidden),
+    }
+    for name, shape in shapes.items():
+        kind = (types or {}).get(name, "F32")
+        if kind == "F32":
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+            continue
+        qtype = gguf.GGMLQuantizationType[kind]
+        block, nbytes = GGML_QUANT_SIZES[qtype]
+        if valid_blocks:
+            raw = _valid_blocks(rng, qtype, shape)
+        else:
+            raw = rng.integers(0, 256, (shape[0], shape[-1] // block * nbytes), dtype=np.uint8)
+            if kind in ("F16", "BF16"):  # plain floats: keep them finite
+                raw = rng.standard_normal(shape).astype(np.float16).view(np.uint8) if kind == "F16" else \
+                    (rng.standard_normal(shape).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16).view(
+                        np.uint8)
+        w.add_tensor(name, raw, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _valid_blocks(rng, qtype, shape):
+    """Block bytes of ``qtype`` for a [rows, cols] tensor whose dequantized values are finite."""
+    import gguf
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if qtype.name in QUANTIZABLE:
+        return gguf.quants.quantize(rng.standard_normal(shape).astype(np.float32), qtype)
+    block, nbytes = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (shape[0], shape[-1] // block, nbytes), dtype=np.uint8)
+    # Each k-quant block holds its float16 super-block scale d (and, for Q2_K, Q4_K and Q5_K, dmin
+    # after it); random bytes there can be inf, NaN or huge: write small positive float16 values,
+    # sized so the dequantized weights have a standard deviation near 1, like the float ones.
+    n_scales = 2 if qtype.name in ("Q2_K", "Q4_K", "Q5_K") else 1
+    size = {"Q2_K": 0.06, "Q3_K": 0.02, "Q4_K": 0.004, "Q5_K": 0.002, "Q6_K": 0.0006}[qtype.name]
+    scales = rng.uniform(0.2 * size, 2 * size, (shape[0], shape[-1] // block, n_scales)).astype(np.float16)
+    offset = {"Q2_K": nbytes - 4, "Q3_K": nbytes - 2, "Q4_K": 0, "Q5_K": 0, "Q6_K": nbytes - 2}[qtype.name]
+    raw[..., offset:offset + 2 * n_scales] = scales.view(np.uint8)
+    return raw.reshape(shape[0], -1)
+
+
+# --- Hugging Face checkpoints --------------------------------------------------------------------------
+
+CONFIGS = {
+    "multi-head-untied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa-tied": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "rope-theta-1e5": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=4, rope_theta=100000.0),
+    "9q-3kv": dict(hidden_size=72, num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                   rms_norm_eps=1e-5),
+}
+
+
+def tiny_hf(seed: int, **overrides):
+    """A random transformers LlamaForCausalLM (3 layers, vocabulary 211 unless overridden)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=211, intermediate_size=88, num_hidden_layers=3, max_position_embeddings=64)
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    with torch.no_grad():  # HF's init leaves norms at 1: randomise them so a wrong norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def random_tokens(vocab: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(seed))
+
+
+# --- Meta's original checkpoints -----------------------------------------------------------------------
+
+# Meta's model-parallel split rules: which dim each weight is cut along (None: replicated).
+SPLIT = {"wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "attention_norm": None, "ffn_norm": None}
+
+
+def write_meta_checkpoint(directory, params: dict, vocab: int, n_shards: int, seed: int = 0) -> None:
+    """A random checkpoint with Meta's tensor names, cut into ``n_shards`` as Meta's code cuts it."""
+    import llamita
+
+    g = torch.Generator().manual_seed(seed)
+    dim, n_heads = params["dim"], params["n_heads"]
+    kv_dim = dim // n_heads * params.get("n_kv_heads", n_heads)
+    hidden = llamita.Config(dim=dim, n_heads=n_heads, multiple_of=params["multiple_of"],
+                            ffn_dim_multiplier=params.get("ffn_dim_multiplier")).hidden_dim
+    full = {"tok_embeddings.weight": (torch.randn(vocab, dim, generator=g), 1),
+            "norm.weight": (torch.rand(dim, generator=g) + 0.5, None),
+            "output.weight": (torch.randn(vocab, dim, generator=g) * 0.05, 0),
+            "rope.freqs": (torch.rand(dim // n_heads // 2, generator=g), None)}
+    shapes = {"wq": (dim, dim), "wk": (kv_dim, dim), "wv": (kv_dim, dim), "wo": (dim, dim),
+              "w1": (hidden, dim), "w3": (hidden, dim), "w2": (dim, hidden)}
+    for i in range(params["n_layers"]):
+        for name, shape in shapes.items():
+            part = "attention" if name.startswith("w") and name[1] in "qkvo" else "feed_forward"
+            full[f"layers.{i}.{part}.{name}.weight"] = (torch.randn(*shape, generator=g) * 0.1, SPLIT[name])
+        for name in ("attention_norm", "ffn_norm"):
+            full[f"layers.{i}.{name}.weight"] = (torch.rand(dim, generator=g) + 0.5, None)
+    for rank in range(n_shards):
+        shard = {k: (t if d is None else t.chunk(n_shards, dim=d)[rank]).clone()
+                 for k, (t, d) in full.items()}
+        torch.save(shard, directory / f"consolidated.{rank:02d}.pth")
+    (directory / "params.json").write_text(json.dumps(params))
+
+
+# --- training --------------------------------------------------------------------------------------------
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = ["gato", "casa", "pescado", "grande", "perro", "libro", "agua", "verde", "cat", "house", "fish", "big"]
+FAST = dict(lr=1e-2, warmup=2, batch_size=4, lora_targets="all", progress=False)
+
+
+def tiny_base(path: Path, seed: int = 0, **config) -> Path:
+    """A random tiny Llama in HF's layout with a small byte-level BPE tokenizer and a chatml template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = [" ".join(WORDS), "repite la palabra: below is an instruction response"] * 10
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text, trainer)
+    cfg = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, initializer_range=0.1)
+    tiny_hf(seed, **{**cfg, **config}).save_pretrained(path)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True, "chat_template": CHATML}))
+    return path
+
+
+def alpaca_records(n: int = 12) -> list[dict]:
+    return [{"instruction": f"repite {w}", "input": "", "output": f"{w} {w} {w}"} for w in (WORDS * 3)[:n]]
+
+
+def write_data(path: Path, n: int = 12) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records(n)))
+    return path
+
+
+def losses(out: Path) -> list[float]:
+    """The train loss of each step, from a run's metrics.jsonl."""
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llamita", *args], input=stdin, capture_output=True, text=True,
+                          timeout=300)
