@@ -4,7 +4,8 @@
     python bench/finetune.py --data FILE --model DIR --steps 6 --batch-size 4 --seq-len 256 --threads 2
 
 Both sides get the very same batches: the first Alpaca records that fit in ``--seq-len`` tokens,
-rendered by llamita.data and padded to ``--seq-len``, loss on the responses only; float32 weights, LoRA r=8 (alpha 16, dropout 0.05) on all
+rendered by llamita.data and padded to ``--seq-len``, loss on the responses only; float32 weights,
+LoRA r=8 (alpha 16, dropout 0.05) on all
 seven projections, AdamW. Each side runs in its own subprocess, so its peak resident memory
 (ru_maxrss) is its own; the first step is a warm-up and is not timed. "real" tokens exclude padding.
 """
@@ -56,7 +57,8 @@ def worker(args) -> None:
     if args.impl == "llamita":
         from llamita.train import TrainConfig, loss_sum, model_to_train, n_labels
 
-        model, _ = model_to_train(args.model, TrainConfig(lora_targets="all", lora_r=8, lora_alpha=16, lora_dropout=0.05),
+        cfg = TrainConfig(lora_targets="all", lora_r=8, lora_alpha=16, lora_dropout=0.05)
+        model, _ = model_to_train(args.model, cfg,
                                torch.device("cpu"))
 
         def loss_of(b):

@@ -195,7 +195,8 @@ def others_load(start: tuple[int, int], seconds: float) -> float:
 
 def machine() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")), platform.processor())
+    model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")),
+                 platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
     return f"{model}, {os.cpu_count()} cores ({isa}), {torch.get_num_threads()} torch threads"
@@ -274,7 +275,8 @@ def main() -> None:
     decoding = ("no decoding, each timed prefill after an untimed one" if args.prefill_only else
                 f"decode: batch 1, greedy, {args.new_tokens} new tokens after a {len(short)}-token prompt")
     print(f"- {decoding}; prefill: a {len(long)}-token prompt; {args.runs} runs each\n")
-    print("| engine | decode tokens/s, median run (range) | decode tokens/s, median step | prefill tokens/s, median (range) | note |")
+    print("| engine | decode tokens/s, median run (range) | decode tokens/s, median step "
+          "| prefill tokens/s, median (range) | note |")
     print("| --- | --- | --- | --- | --- |")
     for e in engines:
         decoded = (f"{statistics.median(e.runs):.1f} ({min(e.runs):.1f}-{max(e.runs):.1f}) "

@@ -1,7 +1,7 @@
 """Serving speed: aggregate tokens/s and median time to first token for 1, 4 and 16 concurrent
 streaming clients, llamita's server against llama.cpp's (llama-cpp-python) on the same GGUF file.
 
-    python bench/serve.py                                   # the default model: llamita float32, int4, float16; llama.cpp
+    python bench/serve.py     # the default model: llamita float32, int4, float16; llama.cpp
     python bench/serve.py --llamita int4 --clients 1 4 16
     python bench/serve.py --llama-cpp-python /path/to/venv/bin/python   # llama_cpp in another venv
 
@@ -137,7 +137,8 @@ def main() -> None:
     parser.add_argument("--source", help="model: .gguf file (default: the embedded default model)")
     parser.add_argument("--llamita", nargs="*", choices=["float32", "int4", "float16"],
                         default=["float32", "int4", "float16"],
-                        help="llamita's weights: float32 (dequantized from the GGUF file), --quantize int4, --quantize float16")
+                        help="llamita's weights: float32 (dequantized from the GGUF file), --quantize int4, "
+                             "--quantize float16")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)

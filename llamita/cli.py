@@ -29,15 +29,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="int4: 4-bit weight-only layers (the fastest single stream on CPU); float16: float16 "
                         "weights computed in float32 (CPU, the fastest for batches and `serve`)")
     p.add_argument("--template", default=None,
-                   help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca (default: the one the adapter or "
-                        "fine-tuned checkpoint was trained with, else auto)")
+                   help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca (default: the one the "
+                        "adapter or fine-tuned checkpoint was trained with, else auto)")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (PEFT's format) to apply to the model")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: about a minute to start the first time, ~8 s more than eager once "
-                        "torch's compile cache holds it, then faster (docs/speed.md)")
+                   help="decode through torch.compile: about a minute to start the first time, ~8 s more than "
+                        "eager once torch's compile cache holds it, then faster (docs/speed.md)")
     add_options(p, SamplingParams)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
 
@@ -101,8 +101,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
     if single_turn and system:
         raise LlamitaError(f"the {llm.template} template has no system prompt: drop --system, or give --template")
     if interactive:
-        print("llamita chat: /reset clears the history, /system TEXT sets the system prompt, /exit quits."
-              + (f" The {llm.template} template is single-turn: each message is answered on its own." if single_turn else ""))
+        one = f" The {llm.template} template is single-turn: each message is answered alone." if single_turn else ""
+        print("llamita chat: /reset clears the history, /system TEXT sets the system prompt, /exit quits." + one)
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -135,13 +135,15 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_finetune(args: argparse.Namespace) -> None:
     from llamita.train import finetune
 
-    print(f"llamita: wrote {finetune(args.model, args.data, args.out, **options_of(args, TrainConfig))}", file=sys.stderr)
+    result = finetune(args.model, args.data, args.out, **options_of(args, TrainConfig))
+    print(f"llamita: wrote {result}", file=sys.stderr)
 
 
 def add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="base checkpoint (default: smollm2-135m-instruct)")
     p.add_argument("--data", required=True, help="JSON / JSON Lines records, a text file, or a Hub dataset name")
-    p.add_argument("--out", required=True, help="output folder: adapter/ or model/, metrics.jsonl, loss.png, checkpoints/")
+    p.add_argument("--out", required=True,
+                   help="output folder: adapter/ or model/, metrics.jsonl, loss.png, checkpoints/")
     add_options(p, TrainConfig)
 
 

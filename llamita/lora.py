@@ -107,8 +107,9 @@ class LoRALinear(nn.Module):
         scaling = scaling or {name: alpha / ranks[name] for name in parts}
         device = next(base_layer.buffers(), None)
         device = device.device if device is not None else base_layer.weight.device
-        self.adapters = nn.ModuleDict({name: LoRAUpdate(base_layer.in_features, rows, ranks[name], scaling[name], device)
-                                       for name, rows in parts.items()})
+        self.adapters = nn.ModuleDict({
+            name: LoRAUpdate(base_layer.in_features, rows, ranks[name], scaling[name], device)
+            for name, rows in parts.items()})
         self.dropout = LoRADropout(dropout) if dropout else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -84,7 +84,8 @@ def read_adapter(directory: str | Path) -> tuple[dict, dict[str, tuple[Tensor, T
               ("fan_in_fan_out", False)]
     for field, want in checks:
         if cfg.get(field, want) != want:
-            raise LlamitaError(f"{cfg_file}: field {field!r} is {cfg[field]!r}; llamita loads LoRA adapters with {want!r}")
+            raise LlamitaError(f"{cfg_file}: field {field!r} is {cfg[field]!r}; "
+                               f"llamita loads LoRA adapters with {want!r}")
     if cfg.get("modules_to_save"):
         raise LlamitaError(f"{cfg_file}: field 'modules_to_save' is not supported (only LoRA layers)")
     for field in ("r", "lora_alpha"):

@@ -69,18 +69,21 @@ class Int4Linear(nn.Module):
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
         super().__init__()
         if group_size not in (32, 64, 128, 256) or in_features % group_size:
-            raise ValueError(f"group_size must be 32, 64, 128 or 256 and divide in_features {in_features}; got {group_size}")
+            raise ValueError(f"group_size must be 32, 64, 128 or 256 and divide in_features {in_features}; "
+                             f"got {group_size}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         device = torch.device(device or "cpu")
         self.is_cuda = device.type == "cuda"
         if self.is_cuda:
             tiles = _inner_k_tiles(in_features)
-            packed = torch.empty(out_features // 8, in_features // (16 * tiles), 32, tiles // 2, dtype=torch.int32, device=device)
+            packed = torch.empty(out_features // 8, in_features // (16 * tiles), 32, tiles // 2, dtype=torch.int32,
+                                 device=device)
         else:
             packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
         self.register_buffer("weight", packed)
         self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.register_buffer("scales_and_zeros",
+                             torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
 
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int = 32, *,
@@ -238,7 +241,8 @@ def quantize_float16(model: Llama) -> Llama:
     is x86's): on CUDA, ``dtype=torch.float16`` is the native way."""
     device = model.embed_tokens.weight.device
     if device.type != "cpu":
-        raise LlamitaError(f"quantize='float16' runs on CPU only (the model is on {device}); on CUDA use --dtype float16")
+        raise LlamitaError(f"quantize='float16' runs on CPU only (the model is on {device}); "
+                           "on CUDA use --dtype float16")
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         raise LlamitaError("quantize='float16' needs fbgemm (x86 CPUs); this torch has "
                            f"{torch.backends.quantized.supported_engines}: use --quantize int4")

@@ -151,7 +151,8 @@ class Tokenizer:
     def save_tokenizer_json(self, path: str | Path) -> None:
         """Write the vocabulary as an HF ``tokenizer.json`` (byte-level BPE / tokenizer.json sources)."""
         if not isinstance(self._backend, _Tokenizers):
-            raise LlamitaError(f"{self.source}: a SentencePiece tokenizer is written as tokenizer.model, not tokenizer.json")
+            raise LlamitaError(f"{self.source}: a SentencePiece tokenizer is written as tokenizer.model, "
+                               "not tokenizer.json")
         self._backend.tok.save(str(path))
 
     def _require(self, token_id: int | None, name: str) -> int:

@@ -59,9 +59,10 @@ class TrainConfig:
 
     method: str = option("lora", "lora, qlora (NF4 base) or full (every weight)", choices=METHODS)
     # data
-    format: str = option("auto", "record format (auto: per record)", choices=("auto", "alpaca", "chat", "sharegpt", "text"))
-    template: str = option("alpaca", "prompt format: alpaca, or a chat format: auto (the checkpoint's), llama-2, chatml; "
-                                     "recorded with the result, which chat/serve then use")
+    format: str = option("auto", "record format (auto: per record)",
+                         choices=("auto", "alpaca", "chat", "sharegpt", "text"))
+    template: str = option("alpaca", "prompt format: alpaca, or a chat format: auto (the checkpoint's), llama-2, "
+                                     "chatml; recorded with the result, which chat/serve then use")
     max_length: int = option(512, "tokens per record (longer ones are truncated)")
     train_on_prompt: bool = option(False, "put loss on prompt tokens too")
     pack: bool = option(False, "pack short records into full sequences")

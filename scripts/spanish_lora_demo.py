@@ -75,7 +75,8 @@ def main() -> None:
 
     # Held out by paragraph, so no evaluation question's context was seen in training.
     # Short paragraphs only: a record cut at --max-length would lose its answer, which comes last.
-    records = [r for _, r in read_records(args.data) if len(r["instruction"]) + len(r.get("input", "")) < args.max_chars]
+    records = [r for _, r in read_records(args.data)
+               if len(r["instruction"]) + len(r.get("input", "")) < args.max_chars]
     paragraphs = list(dict.fromkeys(r.get("input", "") for r in records))
     held = set(paragraphs[-max(1, len(paragraphs) // 10):])
     evals = [r for r in records if r.get("input", "") in held][: args.eval_records]

@@ -78,12 +78,14 @@ def to_torch(t: gguf.ReaderTensor, where: Path) -> Tensor:
     shape = [int(s) for s in reversed(t.shape)]
     if qtype.name in _PLAIN:
         data = np.asarray(t.data)
-        tensor = torch.from_numpy(data.copy()) if qtype.name != "BF16" else torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16)
-        return tensor.reshape(shape)
+        if qtype.name == "BF16":
+            return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(shape)
+        return torch.from_numpy(data.copy()).reshape(shape)
     try:
         data = gguf.quants.dequantize(t.data, qtype)
     except NotImplementedError:
-        raise LlamitaError(f"{where}: tensor {t.name} has quantization type {qtype.name}, which llamita cannot dequantize") from None
+        raise LlamitaError(f"{where}: tensor {t.name} has quantization type {qtype.name}, "
+                           "which llamita cannot dequantize") from None
     return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape)
 
 

@@ -69,11 +69,13 @@ def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
         for name, tensor, file in ckpt.tensors():
             if name not in expected:
                 raise LlamitaError(f"{file}: unexpected tensor {name!r}")
-            if ckpt.rotary == "interleaved" and (heads := rotary_heads(name, config)) and tensor.shape == expected[name]:
+            heads = rotary_heads(name, config) if ckpt.rotary == "interleaved" else None
+            if heads and tensor.shape == expected[name]:
                 tensor = interleaved_to_half(tensor, heads)
             if tensor.shape != expected[name]:
                 raise LlamitaError(
-                    f"{file}: tensor {name} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[name])}")
+                    f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"the config implies {tuple(expected[name])}")
             seen.add(name)
             yield name, tensor, file
 

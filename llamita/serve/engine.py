@@ -6,7 +6,8 @@ request at once, each at its own position. A row keeps what its last request lef
 so a request that starts the same way (a chat's next turn, a shared system prompt) goes to that
 row and runs only the rest of its prompt. A request that arrives mid-generation joins the batch
 at the next turn; one that finishes or is cancelled frees its row at the next turn. The pieces it
-drives are ``generate``'s own, over a ``KVCache`` it owns (``prefill``, ``decode_step``, ``Request``): the engine only schedules.
+drives are ``generate``'s own (``prefill``, ``decode_step``, ``Request``), over a ``KVCache`` it
+owns: the engine only schedules.
 
 Results travel to the asyncio side through each stream's queue (``call_soon_threadsafe``), so the
 HTTP handlers never block on the model.
