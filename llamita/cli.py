@@ -117,7 +117,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             history = []
             continue
         if line.startswith("/system"):
-            system, history = line.removeprefix("/system").strip() or None, []
+            if single_turn:
+                print(f"llamita: the {llm.template} template has no system prompt", file=sys.stderr)
+            else:
+                system, history = line.removeprefix("/system").strip() or None, []
             continue
         history = [] if single_turn else history
         history.append({"role": "user", "content": line})

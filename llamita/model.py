@@ -6,9 +6,9 @@ prefix), except that q/k/v and gate/up are held as one matrix each (``qkv_proj``
 them to the checkpoints' separate names. q/k weights are kept in HF's rotate-half rotary layout:
 Meta/GGUF weights are permuted once, at load time.
 
-The model knows nothing of caches, batching, quantization or training: a caller passes the
-positions, the attention mask, a function that stores and returns keys and values (``kv``), and
-where it wants logits.
+The model holds nothing but its weights: a caller passes the positions, the attention mask, a
+function that stores and returns keys and values (``kv``), and where it wants logits; whatever
+replaces a linear layer is a module like it.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class Llama(nn.Module):
 
         ``positions`` ([T] or [B, T], default 0..T-1) place each token for the rotary embedding.
         ``mask`` (bool, [B, 1, T, keys]) says which keys each token sees; None: causal over the
-        tokens given (a prompt from position 0, or a training batch).
+        tokens given (a prompt from position 0, or a batch of whole sequences).
         ``kv`` stores each layer's new keys and values and returns those to attend over (a KV
         cache's ``step``); without it a token sees only the tokens given.
         ``logits_at`` (bool [B, T]) keeps only those positions: logits [N, vocab], row by row.
@@ -136,7 +136,7 @@ class Llama(nn.Module):
             positions = torch.arange(T, device=input_ids.device)
         cos, sin = self._rope_table(input_ids.device)
         cos, sin = cos[positions][..., None, :], sin[positions][..., None, :]  # [(B,) T, 1, D]
-        # A no-op unless quantization left the embedding 16-bit under a float32 body.
+        # A no-op unless the embedding is held in another dtype than the body (16-bit under float32).
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, kv)

@@ -513,6 +513,11 @@ def checkpoint_run(run: Run, step: int) -> None:
         save_checkpoint(run.out, step, weights, optimizer_state, rng, run.cfg)
 
 
+def learned_template(cfg: TrainConfig) -> str | None:
+    """The prompt template the records were rendered in; None for plain text (no template)."""
+    return None if cfg.format == "text" else cfg.template
+
+
 def progress_bar(run: Run):
     from tqdm import tqdm
 
@@ -528,11 +533,12 @@ def finish(run: Run) -> Path:
         if run.lora is not None:
             from llamita.assets import DEFAULT_MODEL_NAME
 
-            save_adapter(run.net, run.lora, result, str(run.source or DEFAULT_MODEL_NAME), template=cfg.template)
+            base = str(run.source or DEFAULT_MODEL_NAME)
+            save_adapter(run.net, run.lora, result, base, template=learned_template(cfg))
         else:
             from llamita.formats import save_model
 
-            save_model(run.net, result, state_dict=weights, template=cfg.template)
+            save_model(run.net, result, state_dict=weights, template=learned_template(cfg))
             write_tokenizer(run.source, result)
         plot_loss(run.out)
     if d.world > 1:
