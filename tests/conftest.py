@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import llamita
+from helpers import llama_cpp_path
 from llamita import assets
 
 
@@ -17,7 +18,7 @@ def default_gguf():
 @pytest.fixture(scope="session")
 def llama_vocab():
     """Llama 2's tokenizer (llama.cpp's ggml-vocab-llama-spm.gguf), with its test vectors beside it."""
-    return assets.llama_cpp_path("models/ggml-vocab-llama-spm.gguf")
+    return llama_cpp_path("models/ggml-vocab-llama-spm.gguf")
 
 
 @pytest.fixture(scope="session")

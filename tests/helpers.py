@@ -13,6 +13,28 @@ from pathlib import Path
 
 import torch
 
+from llamita import assets
+
+LLAMA_CPP = assets.Artifact(
+    requirement="llama-cpp-python==0.3.36",
+    sdist=True,
+    members=(
+        "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf",
+        "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf.inp",
+        "vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf.out",
+        "vendor/llama.cpp/examples/convert_legacy_llama.py",
+        "vendor/llama.cpp/gguf-py/",
+    ),
+    strip="vendor/llama.cpp/",
+)
+
+
+def llama_cpp_path(relative: str):
+    """A file from llama.cpp's sources (vocab test vectors, the legacy converter), fetched with the
+    package's own artifact cache on first use."""
+    return assets.fetch(LLAMA_CPP) / relative
+
+
 # --- GGUF --------------------------------------------------------------------------------------------
 
 # Types gguf.quants.quantize can write from real floats; the rest are filled with random block bytes.

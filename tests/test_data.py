@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llamita import assets
+from helpers import llama_cpp_path
 from llamita.data import IGNORE, Example, collate, encode_record, load_dataset, order, pack, read_records, split
 from llamita.errors import LlamitaError
 from llamita.tokenizer import Tokenizer, load_tokenizer
@@ -27,7 +27,7 @@ def smol() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def llama() -> Tokenizer:
-    return load_tokenizer(assets.llama_cpp_path("models/ggml-vocab-llama-spm.gguf"))
+    return load_tokenizer(llama_cpp_path("models/ggml-vocab-llama-spm.gguf"))
 
 
 def learned(ex: Example) -> list[int]:

@@ -11,13 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llamita
-from helpers import write_meta_checkpoint
-from llamita import assets
+from helpers import llama_cpp_path, write_meta_checkpoint
 
 
 def llama_cpp_oracle(directory, tmp_path):
     """llama.cpp's converter writes GGUF; transformers loads it."""
-    converter = assets.llama_cpp_path("examples/convert_legacy_llama.py")
+    converter = llama_cpp_path("examples/convert_legacy_llama.py")
     out = tmp_path / "oracle.gguf"
     subprocess.run([sys.executable, str(converter), "--outtype", "f32", "--no-vocab", "--outfile", str(out),
                     str(directory)], check=True, capture_output=True)
