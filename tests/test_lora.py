@@ -205,7 +205,7 @@ def test_bad_adapter_files(base, tmp_path):
         llamita.LLM.load(base, adapter=tmp_path / "nowhere")
 
 
-def test_shared_dropout_one_mask_per_input_and_the_right_rate():
+def test_lora_dropout_one_mask_per_call_and_the_right_rate():
     torch.manual_seed(0)
     drop = LoRADropout(0.05)  # one per layer: q, k and v's adapters (one fused layer) see one mask
     x = torch.ones(1000, 1000, requires_grad=True)
