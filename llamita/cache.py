@@ -40,10 +40,6 @@ class KVCache:
         self.held: list[list[int]] = [[] for _ in range(rows)]
 
     @property
-    def rows(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
     def slots(self) -> int:
         return self.k[0].shape[2]
 
@@ -67,7 +63,8 @@ class KVCache:
         (``positions`` [B, T]) in cache ``rows`` (default: the first B, read back as a slice, not a
         copy); attention reads those rows' first ``length`` slots."""
         rows = slice(0, positions.shape[0]) if rows is None else rows
-        return partial(self._write_rows, positions=positions, rows=rows, length=length)
+        index = self.row_ids[rows][:, None]  # once per pass, not per layer
+        return partial(self._write_rows, positions=positions, rows=rows, index=index, length=length)
 
     def sequence_step(self, positions: Tensor, length: int) -> KVUpdate:
         """``step`` for one sequence in row 0 at ``positions`` [T]: a copy along positions, the
@@ -75,8 +72,7 @@ class KVCache:
         return partial(self._write_sequence, positions=positions, length=length)
 
     def _write_rows(self, layer: int, k: Tensor, v: Tensor, *, positions: Tensor, rows: Tensor | slice,
-                    length: int) -> tuple[Tensor, Tensor]:
-        index = self.row_ids[rows][:, None]
+                    index: Tensor, length: int) -> tuple[Tensor, Tensor]:
         # Advanced indices around a slice put the indexed dims first: [B, T, Hkv, D].
         self.k[layer][index, :, positions] = k.transpose(1, 2)
         self.v[layer][index, :, positions] = v.transpose(1, 2)

@@ -32,12 +32,13 @@ def part_rows(config: Config, fused: str) -> list[int]:
     return [config.hidden_dim] * 2
 
 
-def parts(config: Config, module: str) -> list[tuple[str, int, int]]:
+def parts(config: Config, module: str) -> list[tuple[str, int, int | None]]:
     """(checkpoint module name, first row, end row) of each part of the model's ``module``
-    ("layers.3.self_attn.qkv_proj"); a module that is not fused is its own single part, all rows."""
+    ("layers.3.self_attn.qkv_proj"); a module that is not fused is its own single part, all its
+    rows (end None), so that ``weight[start:end]`` is a part's rows either way."""
     m = _IN_BLOCK.fullmatch(module)
     if m is None or m[2] not in FUSED:
-        return [(module, 0, -1)]
+        return [(module, 0, None)]
     out, start = [], 0
     for part, rows in zip(FUSED[m[2]], part_rows(config, m[2])):
         out.append((f"{m[1]}.{part}", start, start + rows))
@@ -84,5 +85,5 @@ def split(state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
     for name, tensor in state.items():
         module = name.removesuffix(".weight")
         for part, start, stop in parts(config, module):
-            out[f"{part}.weight" if part != module else name] = tensor if stop < 0 else tensor[start:stop]
+            out[f"{part}.weight" if part != module else name] = tensor[start:stop]
     return out

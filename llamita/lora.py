@@ -138,7 +138,7 @@ def target_parts(model: nn.Module, modules: list[str]) -> dict[str, dict[str, tu
         module = fused[0] if fused else name
         for part, start, stop in layout.parts(model.config, module):
             if part == name:
-                stop = stop if stop > 0 else model.get_submodule(module).out_features
+                stop = stop if stop is not None else model.get_submodule(module).out_features
                 out.setdefault(module, {})[part.rpartition(".")[2]] = (start, stop)
     return out
 
@@ -148,7 +148,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     model.requires_grad_(False)
     names = [f"layers.{i}.{TARGETS[t]}" for i in range(len(model.layers)) for t in config.targets]
     for module, parts in target_parts(model, names).items():
-        _replace(model, module, LoRALinear(model.get_submodule(module), parts, config.r, config.alpha, config.dropout))
+        lora = LoRALinear(model.get_submodule(module), parts, config.r, config.alpha, config.dropout)
+        replace_module(model, module, lora)
     return model
 
 
@@ -162,10 +163,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
         w = m.merged_weight().detach()
         linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
         linear.weight = nn.Parameter(w, requires_grad=False)
-        _replace(model, name, linear)
+        replace_module(model, name, linear)
     return model
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, module)

@@ -23,7 +23,7 @@ from llamita import layout
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write, read_json
 from llamita.formats.hf import from_hf_name, hf_name
-from llamita.lora import TARGETS, LoRAConfig, LoRALinear, _replace, lora_layers, merge_lora, target_parts
+from llamita.lora import TARGETS, LoRAConfig, LoRALinear, lora_layers, merge_lora, replace_module, target_parts
 from llamita.nf4 import NF4Linear
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -150,5 +150,5 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = False) -
                 lora.adapters[part].lora_A.weight.copy_(pairs[name][0])
                 lora.adapters[part].lora_B.weight.copy_(pairs[name][1])
         lora.requires_grad_(False)
-        _replace(model, module, lora)
+        replace_module(model, module, lora)
     return merge_lora(model) if merge else model

@@ -216,7 +216,7 @@ def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path |
         """The layer's stored Q4_1 codes where the file has them (part by part: q/k/v, gate/up)."""
         pieces = []
         for part, start, stop in layout.parts(model.config, name):
-            w = linear.weight[start:stop] if stop > 0 else linear.weight
+            w = linear.weight[start:stop]
             if part in stored:
                 codes, scales, zeros = stored[part]
                 if codes.shape != w.shape:

@@ -385,15 +385,11 @@ class Run:
     examples: list
     eval_set: Dataset | None
     optimizer: torch.optim.Optimizer
+    per_step: int  # records in one optimizer step, over every process
     total: int  # optimizer steps
     start: int  # the step resumed from
     amp: torch.dtype | None
     sharded: bool
-
-    @property
-    def per_step(self) -> int:
-        """Records in one optimizer step, over every process."""
-        return self.cfg.batch_size * self.cfg.grad_accum * self.d.world
 
 
 def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainConfig) -> Run:
@@ -433,7 +429,7 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
         atomic_write(out / "metrics.jsonl", lambda p: p.write_text(kept))
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
     ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 and not sharded else net
-    return Run(cfg, source, out, d, net, ddp, lora, examples, eval_set, optimizer, total, start,
+    return Run(cfg, source, out, d, net, ddp, lora, examples, eval_set, optimizer, per_step, total, start,
                autocast_dtype(cfg, d.device), sharded)
 
 

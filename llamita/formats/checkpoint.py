@@ -37,8 +37,8 @@ def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
 
 def rotary_heads(name: str, config: Config) -> int | None:
     """The heads whose rotary pairs a q/k weight's rows hold; None for any other tensor."""
-    if name.endswith(("q_proj.weight", "q_proj")):
+    if name.endswith("q_proj.weight"):
         return config.n_heads
-    if name.endswith(("k_proj.weight", "k_proj")):
+    if name.endswith("k_proj.weight"):
         return config.n_kv_heads
     return None
