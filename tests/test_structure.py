@@ -38,8 +38,8 @@ def imports(path: Path, modules: set[str]) -> set[str]:
     """The package modules ``path`` imports, anywhere in it (functions too), but not under
     ``if TYPE_CHECKING``; importing a module imports its packages' __init__ too."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-            for n in ast.walk(block)}
+    typing_only = [b for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)]
+    skip = {id(n) for block in typing_only for n in ast.walk(block)}
     found = set()
     for n in ast.walk(tree):
         if id(n) in skip:
