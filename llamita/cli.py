@@ -23,11 +23,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint directory, .gguf file, or smollm2-135m-instruct (the default)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights' dtype (default: the checkpoint's; float32 for quantized GGUF)")
+                   help="float weights' dtype (default: the checkpoint's; float32 for dequantized GGUF)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    p.add_argument("--quantize", choices=["int4", "float16"], default=None,
-                   help="int4: 4-bit weight-only layers (the fastest single stream on CPU); float16: float16 "
-                        "weights computed in float32 (CPU, the fastest for batches and `serve`)")
+    p.add_argument("--quantize", choices=["auto", "none", "int4", "int8", "float16"], default="auto",
+                   help="auto: a quantized GGUF stays as stored (4-bit stays 4-bit), other checkpoints load as they "
+                        "are; none: dequantized; int4/int8: weight-only layers quantized while loading (the fastest "
+                        "single stream on CPU); float16: float16 weights computed in float32 (CPU, the fastest for "
+                        "batches and `serve`)")
     p.add_argument("--template", default=None,
                    help="chat format: auto (the checkpoint's), llama-2, chatml, alpaca (default: the one the "
                         "adapter or fine-tuned checkpoint was trained with, else auto)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -57,10 +57,11 @@ def fused_name(name: str) -> tuple[str, int] | None:
     return f"{m[1]}.{fused}{suffix}", index
 
 
-def join(tensors: Iterator[tuple[str, Tensor, Path]], config: Config,
-         source: Path) -> Iterator[tuple[str, Tensor, Path]]:
-    """Checkpoint-named (name, tensor, file) -> model-named: each group of parts concatenated once
-    its last part has come; other tensors pass through as they come."""
+def join(tensors: Iterator[tuple[str, Tensor, Path]], config: Config, source: Path,
+         cat: Callable[[list], Tensor] = torch.cat) -> Iterator[tuple[str, Tensor, Path]]:
+    """Checkpoint-named (name, tensor, file) -> model-named: each group of parts concatenated (by
+    ``cat``: quantized parts have their own) once its last part has come; other tensors pass
+    through as they come."""
     waiting: dict[str, dict[int, Tensor]] = {}
     for name, tensor, file in tensors:
         fused = fused_name(name)
@@ -71,7 +72,7 @@ def join(tensors: Iterator[tuple[str, Tensor, Path]], config: Config,
         group[fused[1]] = tensor
         if len(group) == len(part_rows(config, fused[0])):
             del waiting[fused[0]]
-            yield fused[0], torch.cat([group[i] for i in range(len(group))]), file
+            yield fused[0], cat([group[i] for i in range(len(group))]), file
     missing = [part for name, group in waiting.items()
                for i, (part, _, _) in enumerate(parts(config, name.removesuffix(".weight"))) if i not in group]
     if missing:

@@ -10,10 +10,13 @@ import torch
 from llamita.cache import KVCache
 from llamita.chat import Message, encode_chat, resolve_template, stop_token_ids
 from llamita.errors import LlamitaError
-from llamita.formats import detect, hf, load_model
+from llamita.formats import detect, hf, load_model, model_from_checkpoint, read_checkpoint
+from llamita.formats.gguf import stored_kind
 from llamita.generate import Request, cache_size_for, compile_decoding, complete, generate
 from llamita.model import Llama
 from llamita.peft import adapter_template, load_adapter
+from llamita.quantize import check_kind
+from llamita.quantize import quantize as quantize_model
 from llamita.sampling import SamplingParams
 from llamita.tokenizer import Tokenizer, load_tokenizer
 
@@ -40,28 +43,28 @@ class LLM:
 
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu", quantize: str | None = None, template: str | None = None,
+             device: str | torch.device = "cpu", quantize: str = "auto", template: str | None = None,
              adapter: str | Path | None = None, compile: bool = False) -> "LLM":
-        """``quantize="int4"``: 4-bit weight-only linear layers (``quantize_int4``), the fast
-        path for decoding on CPU, quantized from the checkpoint's own dtype (float32 for a
-        quantized GGUF, whose Q4_1 codes then come back exactly). ``quantize="float16"``: float16
-        weights computed in float32 (``quantize_float16``, CPU), the fast path for batches and
-        for serving. ``compile``: decoding steps through torch.compile (``compile_decoding``): a
-        minute's wait on first use, then the fastest decoding (docs/speed.md). ``template``: the
+        """``quantize``: "auto" (the default) keeps a quantized GGUF file's weights quantized as
+        stored (4-bit stays 4-bit) and loads other checkpoints as they are; "none" dequantizes;
+        "int4" / "int8": weight-only quantized layers, the fast path for decoding on CPU, quantized
+        layer by layer while loading; "float16": float16 weights computed in float32 (CPU), the
+        fast path for batches and for serving. ``compile``: decoding steps through torch.compile
+        (``compile_decoding``): a minute's wait on first use (docs/speed.md). ``template``: the
         chat format; by default the one the adapter (or the fine-tuned checkpoint) was trained
-        with, else the checkpoint's own ("auto")."""
-        if quantize not in (None, "int4", "float16"):
-            raise LlamitaError(f"unknown quantization {quantize!r} (known: int4, float16)")
+        with, else the checkpoint's own ("auto"). An adapter is folded into float weights, which
+        are then quantized as asked ("auto": as they were stored)."""
+        check_kind(quantize, device)
         if compile and quantize == "float16":
             raise LlamitaError("--compile cannot trace float16 layers (fbgemm's packed weights): drop --compile, "
                                "or use --quantize int4")
-        model = load_model(source, dtype=dtype, device=device)
-        if adapter is not None:  # folded into the weights: decoding runs at the base model's speed
+        if adapter is None:
+            model = load_model(source, dtype=dtype, device=device, quantize=quantize)
+        else:  # folded into float weights, then quantized: decoding runs at the base model's speed
+            ckpt = read_checkpoint(source)
+            model = model_from_checkpoint(ckpt, dtype=dtype, device=device)
             load_adapter(model, adapter, merge=True)
-        if quantize:
-            from llamita.quantize import quantize_float16, quantize_int4
-
-            {"int4": quantize_int4, "float16": quantize_float16}[quantize](model)
+            quantize_model(model, stored_kind(ckpt) if quantize == "auto" else quantize)
         template = template or trained_template_of(source, adapter) or "auto"
         return cls(model, load_tokenizer(source), template, compile)
 

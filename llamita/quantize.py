@@ -1,52 +1,132 @@
-"""Weight-only int4 and float16 for inference: smaller linear layers, read faster.
+"""Weight-only quantized layers for inference: smaller linear layers, read faster.
 
-Decoding one token reads every weight once, so its speed is the bytes read per token. int4 runs on
-torch's tinygemm kernels (``_weight_int4pack_mm``): 4-bit weights read about 4x faster than
-float32, the fastest single stream. float16 (CPU) runs on fbgemm's float16 GEMM, which reads half
-float32's bytes and computes in float32: nearly float32's accuracy, and the fastest for batches
-(``llamita serve``), whose rows torch's int4 kernel handles only four at a time.
+Decoding one token reads every weight once, so its speed is the bytes read per token. A quantized
+weight is held as integer codes with a float16 scale, and optionally an offset, per group of
+``group_size`` weights along the input dim: ``w = code * scale + offset``.
 
-int4 quantization is affine per group of ``group_size``
-weights along the input dim, ``w = (q - 8) * scale + zero`` with q in 0..15: the kernels' format.
+- 4 bits (codes 0..15, two a byte; groups of 32 or more, affine): GGUF's Q4_0, Q4_1 and Q4_K blocks
+  map onto it exactly, and ``quantize="int4"`` quantizes float weights to it (min/max per group,
+  as Q4_1 does).
+- 8 bits (signed codes; groups of 16 or 32, offsets optional): Q5_0, Q5_1, Q5_K, Q6_K and Q8_0
+  map onto it exactly; ``quantize="int8"`` quantizes float weights to it (absmax per group of 32,
+  as Q8_0 does).
 
-GGUF's Q4_1 blocks (32 weights, ``w = d * q + m``) are that same format with ``scale = d`` and
-``zero = m + 8 d``, so a Q4_1 file's codes can be packed as stored instead of requantized.
+On CPU, a few rows (decoding) go through the compiled kernel (``llamita.kernels``), which reads the
+codes at memory speed; many rows (a prompt) dequantize a chunk of weights at a time and use the
+float32 GEMM, which is bound by arithmetic, not by reading. CUDA's int4 runs on torch's tinygemm
+kernel. ``Float16Linear`` (fbgemm's float16 GEMM) is the fastest for batches on CPU.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
-from llamita import layout
+from llamita import kernels
 from llamita.errors import LlamitaError
-from llamita.formats.gguf import q4_1_tensors
 from llamita.model import Llama
 
+KINDS = ("auto", "none", "int4", "int8", "float16")
 
-def group_quantize(w: Tensor, group_size: int = 32) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes (int32 [N, K], 0..15), scales and zeros (float32 [N, K/g]) from min/max per group.
 
-    A group's min lands exactly on code 0 and its max on 15, as in llama.cpp's Q4_1, so weights
-    that were Q4_1 come back with the same codes and values.
-    """
+@dataclass
+class QuantizedWeight:
+    """A weight matrix [N, K] as codes, scales and offsets, rows first in each: ``codes`` uint8
+    [N, K/2] for 4 bits (in each run of 32 weights, byte j holds weight j in its low nibble and
+    weight j + 16 in its high one: GGUF's order) or int8 [N, K] for 8; ``scales`` and ``offsets``
+    float16 [N, K/group_size], offsets None where they are all zero."""
+
+    codes: Tensor
+    scales: Tensor
+    offsets: Tensor | None
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.codes.shape[0], self.scales.shape[1] * self.group_size))
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "QuantizedWeight":
+        """The same weight with ``fn`` (a reordering or slicing of rows) applied to each part."""
+        return replace(self, codes=fn(self.codes), scales=fn(self.scales),
+                       offsets=None if self.offsets is None else fn(self.offsets))
+
+    def unpacked_codes(self) -> Tensor:
+        """The codes one a weight, [N, K] (uint8 for 4 bits, int8 for 8)."""
+        if self.bits == 8:
+            return self.codes
+        N, K = self.shape
+        runs = self.codes.view(N, K // 32, 16)
+        return torch.cat([runs & 15, runs >> 4], dim=-1).view(N, K)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        N, K = self.shape
+        w = self.unpacked_codes().to(dtype).view(N, K // self.group_size, self.group_size)
+        w = w * self.scales.to(dtype)[..., None]
+        if self.offsets is not None:
+            w += self.offsets.to(dtype)[..., None]
+        return w.view(N, K)
+
+    def as_int8(self, group_size: int) -> "QuantizedWeight":
+        """The same values in the 8-bit layout with groups of ``group_size`` (dividing this one's):
+        lossless, so that parts stored in different types can be fused into one layer."""
+        repeat = self.group_size // group_size
+        codes = self.unpacked_codes().to(torch.int8)
+        offsets = self.offsets if self.offsets is not None else torch.zeros_like(self.scales)
+        return QuantizedWeight(codes, self.scales.repeat_interleave(repeat, 1),
+                               offsets.repeat_interleave(repeat, 1) if self.bits == 4 or self.offsets is not None
+                               else None, 8, group_size)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Codes 0..15 [N, K] -> [N, K/2] bytes in QuantizedWeight's order."""
+    N, K = codes.shape
+    runs = codes.to(torch.uint8).view(N, K // 32, 2, 16)
+    return (runs[:, :, 0] | runs[:, :, 1] << 4).view(N, K // 2)
+
+
+def cat_rows(parts: list) -> Tensor | QuantizedWeight:
+    """The parts of a fused module (q/k/v, gate/up), rows one after the other. Quantized parts stored
+    in different layouts (Q4_K_M's q and k in 4 bits, v in 6) meet, losslessly, in 8 bits."""
+    if not any(isinstance(p, QuantizedWeight) for p in parts):
+        return torch.cat(parts)
+    if not all(isinstance(p, QuantizedWeight) for p in parts):
+        parts = [p if isinstance(p, QuantizedWeight) else group_quantize(p, 32, bits=8) for p in parts]
+    if len({(p.bits, p.group_size, p.offsets is None) for p in parts}) > 1:
+        group = min(p.group_size for p in parts)
+        parts = [p.as_int8(group) for p in parts]
+        if any(p.offsets is not None for p in parts):
+            parts = [p if p.offsets is not None else replace(p, offsets=torch.zeros_like(p.scales)) for p in parts]
+    first = parts[0]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                           None if first.offsets is None else torch.cat([p.offsets for p in parts]),
+                           first.bits, first.group_size)
+
+
+def group_quantize(w: Tensor, group_size: int = 32, bits: int = 4) -> QuantizedWeight:
+    """Float weights [N, K] -> codes per group: 4 bits by min/max (a group's min lands exactly on code
+    0 and its max on 15, as in llama.cpp's Q4_1), 8 bits by absmax (as in Q8_0)."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features {K} is not a multiple of group_size {group_size}")
     wg = w.detach().float().reshape(N, K // group_size, group_size)
+    if bits == 8:
+        scales = (wg.abs().amax(dim=-1) / 127).clamp(min=1e-10).half()
+        codes = (wg / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(codes.reshape(N, K), scales, None, 8, group_size)
     lo, hi = wg.aminmax(dim=-1)
     scales = ((hi - lo) / 15).clamp(min=1e-10)  # a constant group gets all codes 0
-    codes = ((wg - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.int32)
-    return codes.reshape(N, K), scales, lo + 8 * scales
+    codes = ((wg - lo[..., None]) / scales[..., None]).round().clamp(0, 15)
+    return QuantizedWeight(pack_int4(codes.reshape(N, K)), scales.half(), lo.half(), 4, group_size)
 
 
 # Rows (tokens) from which a CPU layer dequantizes its weights and calls float32 GEMM instead of
-# the int4 kernel: decoding a few rows is bound by reading weights, where int4 wins; a prompt's
-# many rows are bound by arithmetic, where the int4 kernel runs at half MKL's float32 speed.
-DEQUANTIZE_FROM_ROWS = 64
+# the kernel: decoding a few rows is bound by reading weights, where the kernel wins; a prompt's
+# many rows are bound by arithmetic, where MKL's GEMM is faster.
+DEQUANTIZE_FROM_ROWS = 32
 DEQUANTIZE_CHUNK = 1536  # output features dequantized and multiplied at once
 
 
@@ -55,94 +135,64 @@ def _inner_k_tiles(in_features: int) -> int:
     return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
 
 
-class Int4Linear(nn.Module):
-    """``nn.Linear`` (no bias) over int4 weights; the kernel computes in its scales' dtype.
+class QuantLinear(nn.Module):
+    """``nn.Linear`` (no bias) over a ``QuantizedWeight``'s buffers: ``codes``, ``scales``,
+    ``offsets`` (absent where zero). On CUDA, int4 also holds tinygemm's packing (``weight``,
+    ``scales_and_zeros``, bfloat16), which is what runs there."""
 
-    bfloat16 is the fast path (the CPU kernel's float32 path is a slow but exact reference, and
-    CUDA has only bfloat16). Buffers: ``codes`` (two per byte, the even column in the high nibble:
-    what CUDA's packer takes, and what ``dequantize`` reads), ``weight`` (the kernel's own packing,
-    which differs between CPU instruction sets and CUDA: a layer runs where it was packed) and
-    ``scales_and_zeros`` [K/g, N, 2]. About 1 byte a weight in all, a quarter of float32.
-    """
-
-    def __init__(self, in_features: int, out_features: int, group_size: int = 32, *,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None):
+    def __init__(self, q: QuantizedWeight):
         super().__init__()
-        if group_size not in (32, 64, 128, 256) or in_features % group_size:
-            raise ValueError(f"group_size must be 32, 64, 128 or 256 and divide in_features {in_features}; "
-                             f"got {group_size}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        device = torch.device(device or "cpu")
-        self.is_cuda = device.type == "cuda"
-        if self.is_cuda:
-            tiles = _inner_k_tiles(in_features)
-            packed = torch.empty(out_features // 8, in_features // (16 * tiles), 32, tiles // 2, dtype=torch.int32,
-                                 device=device)
-        else:
-            packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
-        self.register_buffer("weight", packed)
-        self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros",
-                             torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+        self.out_features, self.in_features = q.shape
+        self.bits, self.group_size = q.bits, q.group_size
+        self.register_buffer("codes", q.codes)
+        self.register_buffer("scales", q.scales)
+        self.register_buffer("offsets", q.offsets)
+        self.tinygemm = q.codes.is_cuda and q.bits == 4
+        self.kernel = not q.codes.is_cuda and kernels.available()
+        if self.tinygemm:
+            codes = q.unpacked_codes().to(torch.int32)
+            self.weight = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8),
+                                                            _inner_k_tiles(self.in_features))
+            offsets = q.offsets if q.offsets is not None else torch.zeros_like(q.scales)
+            zeros = offsets.float() + 8 * q.scales.float()  # tinygemm's zero: the value of code 8
+            self.scales_and_zeros = torch.stack([q.scales.float(), zeros], -1).transpose(0, 1).bfloat16().contiguous()
 
-    @classmethod
-    def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int = 32, *,
-                   dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
-        """Pack codes [N, K] (0..15) with scales and zeros [N, K/g], on the codes' device."""
-        N, K = codes.shape
-        layer = cls(K, N, group_size, dtype=dtype, device=codes.device)
-        codes = codes.to(torch.int32).contiguous()
-        layer.codes = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
-        if codes.is_cuda:
-            layer.weight = torch._convert_weight_to_int4pack(layer.codes, _inner_k_tiles(K))
-        else:  # the CPU packer takes one int32 code per weight
-            layer.weight = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-        layer.scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(dtype).contiguous()
-        return layer
-
-    @classmethod
-    def from_float(cls, w: Tensor, group_size: int = 32, *, dtype: torch.dtype = torch.bfloat16) -> "Int4Linear":
-        return cls.from_codes(*group_quantize(w, group_size), group_size, dtype=dtype)
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.codes, self.scales, self.offsets, self.bits, self.group_size)
 
     def forward(self, x: Tensor) -> Tensor:
         # Decoding calls this ~200 times a token, so it keeps to plain attributes and skips no-op casts.
         x2 = x.reshape(-1, self.in_features)
-        if self.is_cuda or x2.shape[0] < DEQUANTIZE_FROM_ROWS:
-            sz = self.scales_and_zeros
-            mm = torch._weight_int4pack_mm if self.is_cuda else torch._weight_int4pack_mm_for_cpu
-            y = mm(x2 if x2.dtype == sz.dtype else x2.to(sz.dtype), self.weight, self.group_size, sz)
+        rows = x2.shape[0]
+        if self.tinygemm:
+            y = torch._weight_int4pack_mm(x2.bfloat16(), self.weight, self.group_size, self.scales_and_zeros)
+        elif self.kernel and rows < DEQUANTIZE_FROM_ROWS:
+            y = kernels.quant_matmul(x2 if x2.dtype == torch.float32 else x2.float(), self.codes, self.scales,
+                                     self.offsets, self.bits, self.group_size)
         else:  # a chunk of output features at a time, into one output: less memory than whole weights
-            x2 = x2.float()
-            y = x2.new_empty(x2.shape[0], self.out_features)
+            dtype = torch.float32 if x2.device.type == "cpu" else x2.dtype
+            x2 = x2.to(dtype)
+            y = x2.new_empty(rows, self.out_features)
             for i in range(0, self.out_features, DEQUANTIZE_CHUNK):
-                w = self.dequantize(i, i + DEQUANTIZE_CHUNK)
+                w = self.dequantize(i, i + DEQUANTIZE_CHUNK, dtype)
                 torch.mm(x2, w.T, out=y[:, i: i + w.shape[0]])
         y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def dequantize(self, start: int = 0, stop: int | None = None) -> Tensor:
-        """Rows ``start:stop`` of the weights [N, K] in float32: ``(q - 8) * scale + zero``, the
-        values the kernel uses. A prompt dequantizes every layer, so each nibble goes from its byte
-        to its float in one pass (``addcmul`` converts uint8 as it reads)."""
-        codes = self.codes[start:stop]
-        N, K, g = codes.shape[0], self.in_features, self.group_size
-        scales, zeros = self.scales_and_zeros[:, start:stop].float().unbind(-1)  # [K/g, N] each
-        scales, offsets = scales.T[..., None], (zeros - 8 * scales).T[..., None]
-        pairs = codes.view(N, K // g, g // 2)
-        w = torch.empty(N, K // g, g // 2, 2, device=codes.device)  # even columns in the high nibbles
-        torch.addcmul(offsets, pairs >> 4, scales, out=w[..., 0])
-        torch.addcmul(offsets, pairs & 15, scales, out=w[..., 1])
-        return w.view(N, K)
+    def dequantize(self, start: int = 0, stop: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Rows ``start:stop`` of the weights [N, K]: the values the kernels use."""
+        return self.quantized.map_rows(lambda t: t[start:stop]).dequantize(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}")
 
 
 class Float16Linear(nn.Module):
     """``nn.Linear`` (no bias) over float16 weights on CPU, float32 in and out: fbgemm's packed
     float16 GEMM converts the weights as it reads them. Measured here against float32 (MKL) over
-    the default model's layers: 2.7x faster for one row, 2x for 16, 10% for 512; against the int4
-    kernel, 1.4x slower for one row and 1.3-1.5x faster for 8 to 16 (docs/speed.md)."""
+    the default model's layers: 2.7x faster for one row, 2x for 16, 10% for 512 (docs/speed.md)."""
 
     def __init__(self, weight: Tensor):
         super().__init__()
@@ -164,26 +214,80 @@ class Float16Linear(nn.Module):
 
 
 class ScreenedLMHead(nn.Module):
-    """The output layer of an int4 model: int4 logits for the whole vocabulary pick a shortlist,
-    whose logits are then recomputed exactly from the 16-bit weights (shared with the embedding).
+    """The output layer of a model quantized to int4 from float weights: int4 logits for the whole
+    vocabulary pick a shortlist, whose logits are then recomputed exactly from the 16-bit weights
+    (shared with the embedding).
 
-    An int4 output layer alone costs accuracy (docs/speed.md), a 16-bit one costs time, most of
-    all on a batch of rows on CPU; the words that decide greedy decoding and top-p/top-k sampling
-    are all in the shortlist, where the logits are exact. The rest keep their int4 values.
+    An int4 output layer alone costs accuracy (docs/speed.md), a 16-bit one costs time; the words
+    that decide greedy decoding and top-p/top-k sampling are all in the shortlist, where the logits
+    are exact. The rest keep their int4 values.
     """
 
-    def __init__(self, weight: nn.Parameter, shortlist: int = 64, group_size: int = 32, *,
-                 dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, weight: nn.Parameter, shortlist: int = 64, group_size: int = 32):
         super().__init__()
         self.weight = weight
         self.shortlist = min(shortlist, weight.shape[0])
-        self.screen = Int4Linear.from_float(weight, group_size, dtype=dtype)
+        self.screen = QuantLinear(group_quantize(weight, group_size))
 
     def forward(self, x: Tensor) -> Tensor:
         logits = self.screen(x).float()
         top = logits.topk(self.shortlist, dim=-1).indices  # [..., k]
         exact = (self.weight[top].float() @ x.float()[..., None])[..., 0]  # [..., k, D] @ [..., D, 1]
         return logits.scatter_(-1, top, exact)
+
+
+def check_kind(quantize: str, device: torch.device | str = "cpu") -> None:
+    if quantize not in KINDS:
+        raise LlamitaError(f"unknown quantization {quantize!r} (known: {', '.join(KINDS)})")
+    if quantize == "float16" and torch.device(device).type != "cpu":
+        raise LlamitaError(f"quantize='float16' runs on CPU only (the model is on {device}); "
+                           "on CUDA use --dtype float16")
+    if quantize == "float16" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise LlamitaError("quantize='float16' needs fbgemm (x86 CPUs); this torch has "
+                           f"{torch.backends.quantized.supported_engines}: use --quantize int4")
+
+
+def quantized_layer(weight: Tensor | QuantizedWeight, quantize: str, group_size: int = 32) -> nn.Module | None:
+    """The layer for one linear weight under ``quantize`` ("auto": as stored), or None where it stays a
+    plain float weight. A stored layout is kept where it has no more bits than asked for (GGUF's Q4_*
+    under int4 or int8), so its codes come back exactly; anything else is quantized from float values."""
+    stored = isinstance(weight, QuantizedWeight)
+    if quantize == "none":
+        return None
+    if quantize == "auto":
+        return QuantLinear(weight) if stored else None
+    if quantize == "float16":
+        return Float16Linear(weight.dequantize() if stored else weight)
+    bits = {"int4": 4, "int8": 8}[quantize]
+    if stored and weight.bits <= bits:
+        return QuantLinear(weight)
+    return QuantLinear(group_quantize(weight.dequantize() if stored else weight, group_size, bits))
+
+
+def finish(model: Llama, quantize: str, group_size: int = 32) -> Llama:
+    """The rest of a model whose block layers are quantized: the output layer and the dtypes.
+
+    On CPU the rest runs in float32, since without bfloat16 hardware attention and elementwise ops
+    are several times slower in bfloat16, and the embedding is held in float16. A float output layer
+    becomes, under int4, a ``ScreenedLMHead`` (int4 to find the likely words, the 16-bit weights for
+    their exact logits), under int8 or float16 that layer. On CUDA the rest becomes bfloat16.
+    """
+    cuda = model.embed_tokens.weight.is_cuda
+    body, head = (torch.bfloat16, torch.bfloat16) if cuda else (torch.float32, torch.float16)
+    for name, p in model.named_parameters():  # a tied output layer's weight is the embedding's
+        p.data = p.data.to(head if name.startswith(("embed_tokens", "lm_head")) else body)
+    if not isinstance(model.lm_head, nn.Linear):
+        return model
+    if quantize == "int4":
+        model.lm_head = ScreenedLMHead(model.lm_head.weight, group_size=group_size)
+    elif quantize in ("int8", "float16"):
+        model.lm_head = quantized_layer(model.lm_head.weight, quantize, group_size)
+    elif not cuda:  # "auto" with a float output layer (an F16 GGUF tensor): float16 weights, float32 out
+        if "fbgemm" in torch.backends.quantized.supported_engines:
+            model.lm_head = Float16Linear(model.lm_head.weight)
+        else:
+            model.lm_head.weight = nn.Parameter(model.lm_head.weight.float(), requires_grad=False)
+    return model
 
 
 def replace_linears(model: Llama, make: Callable[[str, nn.Linear], nn.Module]) -> None:
@@ -194,61 +298,11 @@ def replace_linears(model: Llama, make: Callable[[str, nn.Linear], nn.Module]) -
             setattr(model.get_submodule(parent), attr, make(name, module))
 
 
-def quantize_int4(model: Llama, group_size: int = 32, *, gguf_path: str | Path | None = None,
-                  dtype: torch.dtype = torch.bfloat16) -> Llama:
-    """Replace the blocks' linear layers with ``Int4Linear``, in place, q/k/v and gate/up fused.
-
-    ``gguf_path``: the GGUF file the model was loaded from (unchanged since, e.g. no merged
-    adapter); with group_size 32 its Q4_1 tensors are packed as stored, lossless by construction,
-    the others quantized from the model's weights. ``dtype``: the kernel's (its activations' and
-    scales'); bfloat16 is the fast one. On CUDA the rest of the model becomes ``dtype`` too. On
-    CPU the rest runs in float32, since without bfloat16 hardware attention and elementwise ops
-    are several times slower in bfloat16, and the embedding and ``lm_head`` (often tied to it)
-    are held in float16. ``lm_head`` becomes a ``ScreenedLMHead``: int4 to find the likely
-    words, the 16-bit weights for their exact logits.
-    """
-    stored: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-    if gguf_path is not None and group_size == 32:
-        stored = {name: (codes.to(torch.uint8), scales, zeros)  # a byte a code until packed
-                  for name, codes, scales, zeros in q4_1_tensors(gguf_path, model.config)}
-
-    def int4(name: str, linear: nn.Linear) -> Int4Linear:
-        """The layer's stored Q4_1 codes where the file has them (part by part: q/k/v, gate/up)."""
-        pieces = []
-        for part, start, stop in layout.parts(model.config, name):
-            w = linear.weight[start:stop]
-            if part in stored:
-                codes, scales, zeros = stored[part]
-                if codes.shape != w.shape:
-                    raise ValueError(f"{gguf_path}: {part} has shape {tuple(codes.shape)}, the model {tuple(w.shape)}")
-                pieces.append((codes.to(w.device), scales.to(w.device), zeros.to(w.device)))
-            else:
-                pieces.append(group_quantize(w, group_size))
-        return Int4Linear.from_codes(*(torch.cat(x) for x in zip(*pieces)), group_size, dtype=dtype)
-
-    replace_linears(model, int4)
-    cuda = model.lm_head.weight.is_cuda
-    body, head = (dtype, dtype) if cuda else (torch.float32, torch.float16)
-    for name, p in model.named_parameters():  # Int4Linear holds buffers only
-        p.data = p.data.to(head if name.startswith(("embed_tokens", "lm_head")) else body)
-    model.lm_head = ScreenedLMHead(model.lm_head.weight, group_size=group_size, dtype=dtype)
-    return model
-
-
-def quantize_float16(model: Llama) -> Llama:
-    """Replace the linear layers, ``lm_head`` included, with ``Float16Linear``, in place, q/k/v and
-    gate/up fused; the rest runs in float32 and the embedding is kept in float16. CPU only (fbgemm
-    is x86's): on CUDA, ``dtype=torch.float16`` is the native way."""
-    device = model.embed_tokens.weight.device
-    if device.type != "cpu":
-        raise LlamitaError(f"quantize='float16' runs on CPU only (the model is on {device}); "
-                           "on CUDA use --dtype float16")
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise LlamitaError("quantize='float16' needs fbgemm (x86 CPUs); this torch has "
-                           f"{torch.backends.quantized.supported_engines}: use --quantize int4")
-
-    replace_linears(model, lambda name, linear: Float16Linear(linear.weight))
-    model.lm_head = Float16Linear(model.lm_head.weight)
-    for name, p in model.named_parameters():
-        p.data = p.data.to(torch.float16 if name.startswith("embed_tokens") else torch.float32)
-    return model
+def quantize(model: Llama, kind: str, group_size: int = 32) -> Llama:
+    """Quantize a loaded float model in place (e.g. after an adapter is merged into it); loading with
+    ``load_model(..., quantize=kind)`` does the same layer by layer, never holding the float model."""
+    check_kind(kind, model.embed_tokens.weight.device)
+    if kind in ("auto", "none"):
+        return model
+    replace_linears(model, lambda name, linear: quantized_layer(linear.weight, kind, group_size))
+    return finish(model, kind, group_size)

@@ -1,21 +1,62 @@
-"""GGUF files (llama.cpp): metadata to Config, tensors dequantized with the gguf package, and
-Q4_1 blocks read as they are stored (codes, scales, zeros) for lossless int4 layers."""
+"""GGUF files (llama.cpp): metadata to Config; tensors read one at a time from the memory-mapped file,
+float types as tensors, quantized blocks as ``QuantizedWeight`` codes that quantized layers run on
+as stored, with no float copy of the model at any point."""
 
 from __future__ import annotations
 
 import functools
+import mmap
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gguf
 import numpy as np
 import torch
 from torch import Tensor
 
-from llamita.config import Config, config_from_gguf
+from llamita.config import config_from_gguf
 from llamita.errors import LlamitaError
-from llamita.formats.checkpoint import Checkpoint, interleaved_to_half, rotary_heads
+from llamita.formats.checkpoint import Checkpoint
+from llamita.quantize import QuantizedWeight, pack_int4
+
+Q = gguf.GGMLQuantizationType
+
+
+class _Reader(gguf.GGUFReader):
+    """The gguf package's reader, checking each tensor's type and byte range before mapping it, so a
+    broken file is reported by tensor rather than as a failed reshape."""
+
+    path: Path
+
+    def _build_tensors(self, start_offs: int, fields: list) -> None:
+        spans = []
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            name = bytes(name).decode("utf-8", "replace")
+            try:
+                qtype = Q(int(raw_type[0]))
+            except ValueError:
+                raise LlamitaError(f"{self.path}: tensor {name} has unknown type number {int(raw_type[0])}") from None
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            elems = int(np.prod(dims))
+            if elems % block:
+                raise LlamitaError(f"{self.path}: tensor {name} has shape {tuple(int(d) for d in dims)}, "
+                                   f"not whole blocks of {block} ({qtype.name})")
+            spans.append((start_offs + int(offset[0]), elems // block * size, name, qtype, dims))
+        spans.sort()
+        ends = [start for start, *_ in spans[1:]] + [len(self.data)]
+        for (start, nbytes, name, qtype, dims), end in zip(spans, ends):
+            if start + nbytes > end:
+                where = "the file ends" if end == len(self.data) else "the next tensor starts"
+                raise LlamitaError(f"{self.path}: tensor {name} ({qtype.name}, shape {tuple(int(d) for d in dims)}) "
+                                   f"needs {nbytes} bytes at offset {start}, but {where} {end - start} bytes after "
+                                   "(truncated or corrupt file)")
+        super()._build_tensors(start_offs, fields)
+
+    def __init__(self, path: Path):
+        self.path = path
+        super().__init__(path)
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -33,7 +74,9 @@ def open_gguf(path: str | Path) -> gguf.GGUFReader:
 @functools.lru_cache(maxsize=4)
 def _reader(path: Path, mtime_ns: int, size: int) -> gguf.GGUFReader:
     try:
-        return gguf.GGUFReader(path)
+        return _Reader(path)
+    except LlamitaError:
+        raise
     except Exception as e:  # the reader raises ValueError, struct.error, IndexError... on bad files
         raise LlamitaError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
@@ -72,21 +115,125 @@ def from_gguf_name(name: str, where: Path) -> str | None:
     raise LlamitaError(f"{where}: unexpected tensor {name!r} for a llama model")
 
 
-def to_torch(t: gguf.ReaderTensor, where: Path) -> Tensor:
-    """One tensor in torch's [out, in] order, dequantized to float32 where it is quantized."""
-    qtype = t.tensor_type
+# -- quantized blocks -> codes, scales, offsets ----------------------------------------------------
+# Each takes one tensor's blocks as bytes [N rows, blocks per row, block bytes] and returns
+# (codes [N, K] one a weight, scales and offsets [N, K / group] in float32, bits, group size), with
+# every weight = code * scale + offset exactly as llama.cpp's dequantization computes it.
+
+def _f16(b: Tensor) -> Tensor:
+    return b.contiguous().view(torch.float16).float()[..., 0]
+
+
+def _nibbles(qs: Tensor) -> Tensor:
+    """Bytes [..., n] -> [..., 2n]: the low nibbles, then the high ones."""
+    return torch.cat([qs & 15, qs >> 4], dim=-1)
+
+
+def _high_bits(qh: Tensor, count: int) -> Tensor:
+    """Bit j of a little-endian bit field [..., bytes] for j < count."""
+    bits = qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)
+    return (bits & 1).flatten(-2)[..., :count]
+
+
+def _k_scales(b: Tensor) -> tuple[Tensor, Tensor]:
+    """The 8 six-bit scales and mins of a Q4_K/Q5_K super-block's 12 scale bytes."""
+    d, m, md = b[..., 0:4], b[..., 4:8], b[..., 8:12]
+    scales = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=-1)
+    mins = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=-1)
+    return scales.float(), mins.float()
+
+
+def _q4_0(b):
+    d = _f16(b[..., 0:2])
+    return b[..., 2:18], d, -8 * d, 4, 32  # already QuantizedWeight's packing
+
+
+def _q4_1(b):
+    return b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4]), 4, 32
+
+
+def _q8_0(b):
+    return b[..., 2:34].view(torch.int8), _f16(b[..., 0:2]), None, 8, 32
+
+
+def _q5_0(b):
+    q = _nibbles(b[..., 6:22]) | _high_bits(b[..., 2:6], 32) << 4
+    return q.to(torch.int8) - 16, _f16(b[..., 0:2]), None, 8, 32
+
+
+def _q5_1(b):
+    q = _nibbles(b[..., 8:24]) | _high_bits(b[..., 4:8], 32) << 4
+    return q.to(torch.int8), _f16(b[..., 0:2]), _f16(b[..., 2:4]), 8, 32
+
+
+def _k_affine(b, q):
+    """Super-blocks of 8 groups of 32: w = d * scale * q - dmin * min."""
+    scales, mins = _k_scales(b[..., 4:16])
+    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+    return q, (d * scales).flatten(-2), (-dmin * mins).flatten(-2)
+
+
+def _q4_k(b):
+    # 4 runs of 32 bytes: the low nibbles are one group of 32, the high nibbles the next
+    q = _nibbles(b[..., 16:144].unflatten(-1, (4, 32))).flatten(-2)
+    return (*_k_affine(b, q), 4, 32)
+
+
+def _q5_k(b):
+    low = _nibbles(b[..., 48:176].unflatten(-1, (4, 32))).flatten(-2)
+    high = (b[..., 16:48][..., None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1  # group g: bit g
+    return (*_k_affine(b, (low | high.flatten(-2) << 4).to(torch.int8)), 8, 32)
+
+
+def _q6_k(b):
+    # two halves of 128 weights: 64 bytes of low nibbles (weights 0..63, then 64..127) and 32 bytes of
+    # 2-bit high parts (weights 0..31, 32..63, 64..95, 96..127 at shifts 0, 2, 4, 6); 16 groups of 16.
+    ql = _nibbles(b[..., 0:128].unflatten(-1, (2, 64)))
+    qh = (b[..., 128:192].unflatten(-1, (2, 1, 32)) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    q = (ql | qh.flatten(-2) << 4).flatten(-2).to(torch.int8) - 32
+    return q, _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(torch.int8).float(), None, 8, 16
+
+
+DECODERS: dict[Q, Callable] = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
+                               Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
+
+
+def quantized_weight(t: gguf.ReaderTensor, where: Path) -> QuantizedWeight:
+    """One quantized tensor's blocks as a ``QuantizedWeight`` [out, in], codes exactly as stored."""
+    decode = DECODERS.get(t.tensor_type)
+    if decode is None:
+        known = ", ".join(q.name for q in DECODERS)
+        raise LlamitaError(f"{where}: tensor {t.name} has quantization type {t.tensor_type.name}, which llamita "
+                           f"does not load (supported: F32, F16, BF16, {known})")
+    N = int(np.prod(t.shape[1:]))
+    block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    blocks = torch.from_numpy(np.array(t.data)).view(N, -1, size)
+    codes, scales, offsets, bits, group = decode(blocks)
+    if bits == 4:
+        codes = codes.reshape(N, -1) if codes.shape[-1] == 16 else pack_int4(codes.reshape(N, -1))
+    return QuantizedWeight(codes.reshape(N, -1).contiguous(), scales.reshape(N, -1).half(),
+                           None if offsets is None else offsets.reshape(N, -1).half(), bits, group)
+
+
+def _release(reader: gguf.GGUFReader, t: gguf.ReaderTensor) -> None:
+    """Drop the file pages a tensor was read from out of this process's memory (they stay in the OS's
+    page cache): otherwise the mapped file would count in full on top of the loaded model."""
+    mapped = getattr(reader.data, "_mmap", None)
+    if mapped is None or not hasattr(mapped, "madvise"):
+        return
+    start = t.data_offset - t.data_offset % mmap.PAGESIZE
+    mapped.madvise(mmap.MADV_DONTNEED, start, t.data_offset + int(t.n_bytes) - start)
+
+
+def to_torch(t: gguf.ReaderTensor, where: Path) -> Tensor | QuantizedWeight:
+    """One tensor in torch's [out, in] order: float types as tensors, quantized ones as codes."""
+    if t.tensor_type.name not in _PLAIN:
+        return quantized_weight(t, where)
     shape = [int(s) for s in reversed(t.shape)]
-    if qtype.name in _PLAIN:
-        data = np.asarray(t.data)
-        if qtype.name == "BF16":
-            return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(shape)
-        return torch.from_numpy(data.copy()).reshape(shape)
-    try:
-        data = gguf.quants.dequantize(t.data, qtype)
-    except NotImplementedError:
-        raise LlamitaError(f"{where}: tensor {t.name} has quantization type {qtype.name}, "
-                           "which llamita cannot dequantize") from None
-    return torch.from_numpy(np.ascontiguousarray(data)).reshape(shape)
+    data = np.asarray(t.data)
+    if t.tensor_type.name == "BF16":
+        return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(shape)
+    return torch.from_numpy(data.copy()).reshape(shape)
 
 
 def read(path: Path) -> Checkpoint:
@@ -100,10 +247,12 @@ def read(path: Path) -> Checkpoint:
     types = Counter(t.tensor_type.name for t in reader.tensors)
     dtype = _PLAIN.get(emb.tensor_type.name, torch.float32)
 
-    def tensors() -> Iterator[tuple[str, Tensor, Path]]:
+    def tensors() -> Iterator[tuple[str, Tensor | QuantizedWeight, Path]]:
         for t in reader.tensors:
             if (name := from_gguf_name(t.name, path)) is not None:
-                yield name, to_torch(t, path), path
+                value = to_torch(t, path)
+                _release(reader, t)
+                yield name, value, path
 
     return Checkpoint(
         format="gguf", path=path, config=config, dtype=dtype, tensor_types=dict(types),
@@ -111,21 +260,10 @@ def read(path: Path) -> Checkpoint:
     )
 
 
-def q4_1_tensors(path: str | Path, config: Config) -> Iterator[tuple[str, Tensor, Tensor, Tensor]]:
-    """(checkpoint module name, codes, scales, zeros) for each Q4_1 tensor of a GGUF file, one by
-    one: codes 0..15 [N, K], and per group of 32 the scale and the value of code 8, so that a weight
-    is ``(code - 8) * scale + zero``. q/k rows are permuted to the rotate-half layout, as the
-    float weights are on load."""
-    path = Path(path)
-    for t in open_gguf(path).tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or (name := from_gguf_name(t.name, path)) is None:
-            continue
-        N, K = int(t.shape[1]), int(t.shape[0])
-        # A block: d and m (float16), then 16 bytes: weights 0..15 in the low nibbles, 16..31 in the high.
-        blocks = torch.from_numpy(np.array(t.data)).reshape(N, K // 32, 20)
-        d, m = blocks[..., :4].contiguous().view(torch.float16).float().unbind(-1)
-        qs = blocks[..., 4:].to(torch.int32)
-        codes, scales, zeros = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(N, K), d, m + 8 * d
-        if heads := rotary_heads(name, config):
-            codes, scales, zeros = (interleaved_to_half(x, heads) for x in (codes, scales, zeros))
-        yield name.removesuffix(".weight"), codes, scales, zeros
+def stored_kind(ckpt: Checkpoint) -> str:
+    """The ``quantize`` kind closest to how a checkpoint stores its weights: what a model rebuilt
+    from float weights (an adapter merged in) is quantized to, so it stays the size it came."""
+    types = set(ckpt.tensor_types)
+    if types & {"Q4_0", "Q4_1", "Q4_K"}:
+        return "int4"
+    return "int8" if types & {q.name for q in DECODERS} else "none"

@@ -6,6 +6,7 @@ tokenizers are found the same way.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -48,22 +49,29 @@ def read_checkpoint(source: str | Path | None) -> Checkpoint:
 
 
 def load_model(source: str | Path | None = None, *, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> Llama:
+               device: str | torch.device = "cpu", quantize: str = "none") -> Llama:
     """Build a Llama from a checkpoint directory, a .gguf file or the default model's name.
 
     The model is built on the meta device and each tensor moved in one at a time, so loading
-    needs little more memory than the weights themselves. Returned in eval mode.
+    needs little more memory than the weights themselves. ``quantize``: "none" (float weights in
+    ``dtype``), "auto" (quantized GGUF tensors stay as stored), "int4", "int8" or "float16" (each
+    layer quantized as it arrives: the float model is never held). Returned in eval mode.
     """
-    return model_from_checkpoint(read_checkpoint(source), dtype=dtype, device=device)
+    return model_from_checkpoint(read_checkpoint(source), dtype=dtype, device=device, quantize=quantize)
 
 
 def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
-                          device: str | torch.device = "cpu") -> Llama:
+                          device: str | torch.device = "cpu", quantize: str = "none") -> Llama:
+    from llamita.quantize import QuantizedWeight, cat_rows, check_kind, finish, quantized_layer
+
+    check_kind(quantize, device)
     config, dtype = ckpt.config, dtype or ckpt.dtype
     with torch.device("meta"):
         model = Llama(config)
     expected = {name: t.shape for name, t in layout.split(dict(model.state_dict()), config).items()}
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     seen: set[str] = set()
+    quantized = quantize not in ("auto", "none")
 
     def checked():
         for name, tensor, file in ckpt.tensors():
@@ -71,23 +79,44 @@ def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
                 raise LlamitaError(f"{file}: unexpected tensor {name!r}")
             heads = rotary_heads(name, config) if ckpt.rotary == "interleaved" else None
             if heads and tensor.shape == expected[name]:
-                tensor = interleaved_to_half(tensor, heads)
+                permute = functools.partial(interleaved_to_half, n_heads=heads)
+                tensor = tensor.map_rows(permute) if isinstance(tensor, QuantizedWeight) else permute(tensor)
             if tensor.shape != expected[name]:
                 raise LlamitaError(
                     f"{file}: tensor {name} has shape {tuple(tensor.shape)}, "
                     f"the config implies {tuple(expected[name])}")
+            if isinstance(tensor, QuantizedWeight) and quantize == "none":
+                tensor = tensor.dequantize()
             seen.add(name)
             yield name, tensor, file
 
-    for name, tensor, _ in layout.join(checked(), config, ckpt.path):
+    for name, tensor, _ in layout.join(checked(), config, ckpt.path, cat=cat_rows):
         module_name, _, attr = name.rpartition(".")
-        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        tensor = tensor.map_rows(lambda t: t.to(device)) if isinstance(tensor, QuantizedWeight) else tensor.to(device)
+        stored = isinstance(tensor, QuantizedWeight)
+        if module_name.startswith("layers.") and module_name in linears or module_name == "lm_head" and stored:
+            # the output layer keeps its stored codes (llama.cpp's Q6_K or Q8_0) unless float16 is asked for
+            layer = quantized_layer(tensor, quantize if module_name != "lm_head" or quantize == "float16" else "auto")
+            if layer is not None:
+                parent, _, child = module_name.rpartition(".")
+                setattr(model.get_submodule(parent), child, layer)
+                quantized = True
+                continue
+        if stored:  # the embedding: its rows are read, not multiplied, so it is held dequantized
+            if config.tie_embeddings and quantize != "none":
+                model.lm_head = quantized_layer(tensor, "float16" if quantize == "float16" else "auto")
+                quantized = True
+            tensor = tensor.dequantize()
+        param = nn.Parameter(tensor.to(dtype=dtype), requires_grad=False)
         setattr(model.get_submodule(module_name), attr, param)
-    model.tie_weights()
+    if isinstance(model.lm_head, nn.Linear):
+        model.tie_weights()
     if config.tie_embeddings:
         seen.add("lm_head.weight")
     if missing := sorted(set(expected) - seen):
         raise LlamitaError(f"{ckpt.path}: missing tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    if quantized:
+        finish(model, quantize)
     return model.eval()
 
 
