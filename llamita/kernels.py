@@ -69,7 +69,8 @@ def available() -> bool:
 
 
 @torch.library.custom_op("llamita::quant_matmul", mutates_args=())
-def quant_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, bits: int, group_size: int) -> Tensor:
+def quant_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | None, bits: int,
+                 group_size: int) -> Tensor:
     """x [M, K] float32 @ w.T -> [M, N] float32, with w held as codes (int4: [N, K/2] uint8, int8:
     [N, K] int8), scales and offsets (float16 [N, K/g]; offsets None for w = code * scale)."""
     x = x.contiguous()
