@@ -37,7 +37,7 @@ class QuantizedWeight:
     """A weight matrix [N, K] as codes, scales and offsets, rows first in each: ``codes`` uint8
     [N, K/2] for 4 bits (in each run of 32 weights, byte j holds weight j in its low nibble and
     weight j + 16 in its high one: GGUF's order) or int8 [N, K] for 8; ``scales`` and ``offsets``
-    float16 [N, K/group_size], offsets None where they are all zero."""
+    [N, K/group_size] (float16 in layers, float32 as read from a file), offsets None where all zero."""
 
     codes: Tensor
     scales: Tensor
@@ -106,20 +106,23 @@ def cat_rows(parts: list) -> Tensor | QuantizedWeight:
                            first.bits, first.group_size)
 
 
-def group_quantize(w: Tensor, group_size: int = 32, bits: int = 4) -> QuantizedWeight:
+def group_quantize(w: Tensor, group_size: int = 32, bits: int = 4, rows: int = 1024) -> QuantizedWeight:
     """Float weights [N, K] -> codes per group: 4 bits by min/max (a group's min lands exactly on code
-    0 and its max on 15, as in llama.cpp's Q4_1), 8 bits by absmax (as in Q8_0)."""
+    0 and its max on 15, as in llama.cpp's Q4_1), 8 bits by absmax (as in Q8_0). ``rows`` at a time,
+    so the float32 temporaries stay small whatever the layer's size."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"in_features {K} is not a multiple of group_size {group_size}")
+    if N > rows:
+        return cat_rows([group_quantize(w[i: i + rows], group_size, bits, rows) for i in range(0, N, rows)])
     wg = w.detach().float().reshape(N, K // group_size, group_size)
     if bits == 8:
         scales = (wg.abs().amax(dim=-1) / 127).clamp(min=1e-10).half()
-        codes = (wg / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+        codes = (wg / scales.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
         return QuantizedWeight(codes.reshape(N, K), scales, None, 8, group_size)
     lo, hi = wg.aminmax(dim=-1)
     scales = ((hi - lo) / 15).clamp(min=1e-10)  # a constant group gets all codes 0
-    codes = ((wg - lo[..., None]) / scales[..., None]).round().clamp(0, 15)
+    codes = (wg - lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
     return QuantizedWeight(pack_int4(codes.reshape(N, K)), scales.half(), lo.half(), 4, group_size)
 
 
@@ -145,8 +148,8 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.bits, self.group_size = q.bits, q.group_size
         self.register_buffer("codes", q.codes)
-        self.register_buffer("scales", q.scales)
-        self.register_buffer("offsets", q.offsets)
+        self.register_buffer("scales", q.scales.half())  # the kernel's; k-quants' products round here
+        self.register_buffer("offsets", None if q.offsets is None else q.offsets.half())
         self.tinygemm = q.codes.is_cuda and q.bits == 4
         self.kernel = not q.codes.is_cuda and kernels.available()
         if self.tinygemm:

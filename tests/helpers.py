@@ -7,6 +7,7 @@ test module imports another. Every builder is seeded: the same call writes the s
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ QUANTIZABLE = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llama", seed: int = 0,
-                    valid_blocks: bool = False):
+                    valid_blocks: bool = False, layers: int = 1, dim: int = 256, hidden: int = 512):
     """A small llama GGUF written with the gguf package's own writer; ``types`` maps tensor names
     to a GGML type whose block bytes are filled at random (so every type can be stored).
 
@@ -50,15 +51,16 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
     is finite and of the float weights' size: the types in ``QUANTIZABLE`` quantize Gaussian floats
     with ``gguf.quants.quantize``; the k-quants (which it cannot write) get random codes under small
     finite float16 scales. The file then also records ``{arch}.vocab_size``, which transformers'
-    GGUF loader needs when the file has no tokenizer."""
+    GGUF loader needs when the file has no tokenizer. ``types`` names block 0's tensors ("blk.0.");
+    with ``layers`` > 1 every block gets block 0's types."""
     import gguf
     import numpy as np
     from gguf.constants import GGML_QUANT_SIZES
 
     rng = np.random.default_rng(seed)
-    dim, hidden, vocab, heads, kv = 256, 512, 64, 4, 2
+    vocab, heads, kv = 64, 4, 2
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_uint32(f"{arch}.block_count", 1)
+    w.add_uint32(f"{arch}.block_count", layers)
     w.add_uint32(f"{arch}.context_length", 128)
     w.add_uint32(f"{arch}.embedding_length", dim)
     w.add_uint32(f"{arch}.feed_forward_length", hidden)
@@ -68,16 +70,17 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
     w.add_float32(f"{arch}.rope.freq_base", 10000.0)
     if valid_blocks:
         w.add_uint32(f"{arch}.vocab_size", vocab)
-    shapes = {
-        "token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim),
-        "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,),
-        "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (dim // heads * kv, dim),
-        "blk.0.attn_v.weight": (dim // heads * kv, dim), "blk.0.attn_output.weight": (dim, dim),
-        "blk.0.ffn_gate.weight": (hidden, dim), "blk.0.ffn_up.weight": (hidden, dim),
-        "blk.0.ffn_down.weight": (dim, hidden),
-    }
+    shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim)}
+    for i in range(layers):
+        shapes.update({
+            f"blk.{i}.attn_norm.weight": (dim,), f"blk.{i}.ffn_norm.weight": (dim,),
+            f"blk.{i}.attn_q.weight": (dim, dim), f"blk.{i}.attn_k.weight": (dim // heads * kv, dim),
+            f"blk.{i}.attn_v.weight": (dim // heads * kv, dim), f"blk.{i}.attn_output.weight": (dim, dim),
+            f"blk.{i}.ffn_gate.weight": (hidden, dim), f"blk.{i}.ffn_up.weight": (hidden, dim),
+            f"blk.{i}.ffn_down.weight": (dim, hidden),
+        })
     for name, shape in shapes.items():
-        kind = (types or {}).get(name, "F32")
+        kind = (types or {}).get(re.sub(r"^blk\.\d+\.", "blk.0.", name), "F32")
         if kind == "F32":
             w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
             continue

@@ -199,20 +199,17 @@ DECODERS: dict[Q, Callable] = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q8_0: _q8_0, Q.Q5
 
 
 def quantized_weight(t: gguf.ReaderTensor, where: Path) -> QuantizedWeight:
-    """One quantized tensor's blocks as a ``QuantizedWeight`` [out, in], codes exactly as stored."""
-    decode = DECODERS.get(t.tensor_type)
-    if decode is None:
-        known = ", ".join(q.name for q in DECODERS)
-        raise LlamitaError(f"{where}: tensor {t.name} has quantization type {t.tensor_type.name}, which llamita "
-                           f"does not load (supported: F32, F16, BF16, {known})")
+    """One quantized tensor's blocks as a ``QuantizedWeight`` [out, in], codes exactly as stored, scales
+    and offsets in float32 (exact: k-quants multiply two stored numbers); layers keep them in float16."""
+    decode = DECODERS[t.tensor_type]
     N = int(np.prod(t.shape[1:]))
     block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     blocks = torch.from_numpy(np.array(t.data)).view(N, -1, size)
     codes, scales, offsets, bits, group = decode(blocks)
     if bits == 4:
         codes = codes.reshape(N, -1) if codes.shape[-1] == 16 else pack_int4(codes.reshape(N, -1))
-    return QuantizedWeight(codes.reshape(N, -1).contiguous(), scales.reshape(N, -1).half(),
-                           None if offsets is None else offsets.reshape(N, -1).half(), bits, group)
+    return QuantizedWeight(codes.reshape(N, -1).contiguous(), scales.reshape(N, -1),
+                           None if offsets is None else offsets.reshape(N, -1), bits, group)
 
 
 def _release(reader: gguf.GGUFReader, t: gguf.ReaderTensor) -> None:
@@ -226,10 +223,18 @@ def _release(reader: gguf.GGUFReader, t: gguf.ReaderTensor) -> None:
 
 
 def to_torch(t: gguf.ReaderTensor, where: Path) -> Tensor | QuantizedWeight:
-    """One tensor in torch's [out, in] order: float types as tensors, quantized ones as codes."""
-    if t.tensor_type.name not in _PLAIN:
+    """One tensor in torch's [out, in] order: float types as tensors, quantized ones as codes where a
+    layer runs them as stored (``DECODERS``), other quantized types (Q2_K, Q3_K, IQ*) dequantized by
+    the gguf package to float32, one tensor at a time."""
+    if t.tensor_type in DECODERS:
         return quantized_weight(t, where)
     shape = [int(s) for s in reversed(t.shape)]
+    if t.tensor_type.name not in _PLAIN:
+        try:
+            return torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type))).reshape(shape)
+        except NotImplementedError:
+            raise LlamitaError(f"{where}: tensor {t.name} has quantization type {t.tensor_type.name}, which llamita "
+                               "cannot load") from None
     data = np.asarray(t.data)
     if t.tensor_type.name == "BF16":
         return torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(shape)

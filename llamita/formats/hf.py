@@ -55,18 +55,35 @@ def _open_safetensors(file: Path):
         raise LlamitaError(f"{file}: not a readable safetensors file ({e})") from None
 
 
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """A safetensors file's tensors one at a time, each read into memory of its own. safetensors'
+    own reader hands out views of a memory map that stays whole until the file is closed, so a
+    checkpoint quantized while loading would hold all of its pages."""
+    _open_safetensors(file)  # the library validates the file
+    with open(file, "rb") as f:
+        start = 8 + int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(start - 8))
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            data = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(start + begin)
+            if f.readinto(data.numpy()) != end - begin:
+                raise LlamitaError(f"{file}: tensor {key} runs past the end of the file (truncated?)")
+            yield key, data.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
     for file in files:
-        if file.suffix == ".safetensors":
-            f = _open_safetensors(file)
-            for key in f.keys():
-                try:
-                    yield from_hf_name(key), f.get_tensor(key), file
-                except (SafetensorError, OSError) as e:
-                    raise LlamitaError(f"{file}: tensor {key} cannot be read ({e})") from None
-        else:
-            for key, t in load_torch_file(file).items():
-                yield from_hf_name(key), t, file
+        tensors = _safetensors(file) if file.suffix == ".safetensors" else load_torch_file(file).items()
+        for key, t in tensors:
+            yield from_hf_name(key), t, file
 
 
 def _stored_types(files: list[Path]) -> tuple[Counter, int, torch.dtype | None]:
