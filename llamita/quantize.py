@@ -121,9 +121,9 @@ def group_quantize(w: Tensor, group_size: int = 32, bits: int = 4, rows: int = 1
         codes = (wg / scales.float()[..., None]).round_().clamp_(-127, 127).to(torch.int8)
         return QuantizedWeight(codes.reshape(N, K), scales, None, 8, group_size)
     lo, hi = wg.aminmax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=1e-10)  # a constant group gets all codes 0
-    codes = (wg - lo[..., None]).div_(scales[..., None]).round_().clamp_(0, 15)
-    return QuantizedWeight(pack_int4(codes.reshape(N, K)), scales.half(), lo.half(), 4, group_size)
+    lo, scales = lo.half(), ((hi - lo) / 15).clamp(min=1e-7).half()  # a constant group gets all codes 0
+    codes = (wg - lo.float()[..., None]).div_(scales.float()[..., None]).round_().clamp_(0, 15)  # stored values
+    return QuantizedWeight(pack_int4(codes.reshape(N, K)), scales, lo, 4, group_size)
 
 
 # Rows (tokens) from which a CPU layer dequantizes its weights and calls float32 GEMM instead of
