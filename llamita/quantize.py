@@ -63,12 +63,27 @@ class QuantizedWeight:
         return torch.cat([runs & 15, runs >> 4], dim=-1).view(N, K)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weights [N, K] in ``dtype``; each code goes from its byte to its float in one pass
+        (``addcmul`` converts integers as it reads), since a prompt dequantizes every layer."""
         N, K = self.shape
-        w = self.unpacked_codes().to(dtype).view(N, K // self.group_size, self.group_size)
-        w = w * self.scales.to(dtype)[..., None]
-        if self.offsets is not None:
-            w += self.offsets.to(dtype)[..., None]
-        return w.view(N, K)
+        runs = K // 32  # runs of 32 weights; a group is one or more runs, or half of one (16)
+        per_run = lambda t: t.to(dtype).repeat_interleave(max(self.group_size // 32, 1), 1)  # noqa: E731
+        if self.bits == 4:
+            scales, codes = per_run(self.scales).view(N, runs, 1), self.codes.view(N, runs, 16)
+            offsets = per_run(self.offsets).view(N, runs, 1) if self.offsets is not None else None
+            w = torch.empty(N, runs, 2, 16, dtype=dtype, device=self.codes.device)
+            for half, part in ((0, codes & 15), (1, codes >> 4)):
+                if offsets is None:
+                    torch.mul(part, scales, out=w[:, :, half])
+                else:
+                    torch.addcmul(offsets, part, scales, out=w[:, :, half])
+            return w.view(N, K)
+        groups = K // self.group_size
+        codes, scales = self.codes.view(N, groups, self.group_size), self.scales.to(dtype)[..., None]
+        w = torch.empty(N, groups, self.group_size, dtype=dtype, device=self.codes.device)
+        if self.offsets is None:
+            return torch.mul(codes, scales, out=w).view(N, K)
+        return torch.addcmul(self.offsets.to(dtype)[..., None], codes, scales, out=w).view(N, K)
 
     def as_int8(self, group_size: int) -> "QuantizedWeight":
         """The same values in the 8-bit layout with groups of ``group_size`` (dividing this one's):
@@ -187,9 +202,27 @@ class QuantLinear(nn.Module):
         """Rows ``start:stop`` of the weights [N, K]: the values the kernels use."""
         return self.quantized.map_rows(lambda t: t[start:stop]).dequantize(dtype)
 
+    def rows(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the weights in float32: an embedding lookup."""
+        flat = ids.reshape(-1)
+        return self.quantized.map_rows(lambda t: t[flat]).dequantize().view(*ids.shape, self.in_features)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}")
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding over a ``QuantLinear``'s codes (a GGUF's quantized token_embd): each token's row is
+    dequantized as it is looked up, so the table stays as small as stored, and a tied output layer
+    is the same module."""
+
+    def __init__(self, table: QuantLinear):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.table.rows(ids)
 
 
 class Float16Linear(nn.Module):
@@ -275,7 +308,7 @@ def finish(model: Llama, quantize: str, group_size: int = 32) -> Llama:
     becomes, under int4, a ``ScreenedLMHead`` (int4 to find the likely words, the 16-bit weights for
     their exact logits), under int8 or float16 that layer. On CUDA the rest becomes bfloat16.
     """
-    cuda = model.embed_tokens.weight.is_cuda
+    cuda = model.norm.weight.is_cuda
     body, head = (torch.bfloat16, torch.bfloat16) if cuda else (torch.float32, torch.float16)
     for name, p in model.named_parameters():  # a tied output layer's weight is the embedding's
         p.data = p.data.to(head if name.startswith(("embed_tokens", "lm_head")) else body)
@@ -304,7 +337,7 @@ def replace_linears(model: Llama, make: Callable[[str, nn.Linear], nn.Module]) -
 def quantize(model: Llama, kind: str, group_size: int = 32) -> Llama:
     """Quantize a loaded float model in place (e.g. after an adapter is merged into it); loading with
     ``load_model(..., quantize=kind)`` does the same layer by layer, never holding the float model."""
-    check_kind(kind, model.embed_tokens.weight.device)
+    check_kind(kind, model.norm.weight.device)
     if kind in ("auto", "none"):
         return model
     replace_linears(model, lambda name, linear: quantized_layer(linear.weight, kind, group_size))

@@ -86,3 +86,47 @@ def test_default_loads_in_requested_dtype(default_gguf, dtype):
     model = llamita.load_model(default_gguf, dtype=dtype)
     assert {p.dtype for p in model.parameters()} == {dtype}
     assert model.lm_head.weight is model.embed_tokens.weight  # tied, as the file says
+
+
+STORED = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
+
+
+@pytest.mark.parametrize("qtype", STORED)
+@pytest.mark.parametrize("rows", [(1, 7), (2, 24)], ids=["kernel", "gemm"])  # decoding's rows; a prompt's
+def test_each_quantized_type_runs_quantized_close_to_transformers(tmp_path, qtype, rows):
+    """A GGUF whose every matrix is ``qtype``, loaded as stored ("auto": the default), runs on quantized
+    layers of the stated width, and gives transformers' logits (float32, dequantized by the gguf
+    package). The layers and the embedding hold the stored codes; scales are kept in float16, exact for
+    the types that store a float16 scale, rounded (2^-11 relative) for the k-quants' products, which
+    this random model (activations near 100) amplifies, hence their tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from llamita.quantize import QuantLinear
+
+    path = write_tiny_gguf(tmp_path / "t.gguf", types=dict.fromkeys(MATRICES, qtype), valid_blocks=True)
+    ours = llamita.load_model(path, quantize="auto")
+    layers = [ours.layers[0].self_attn.qkv_proj, ours.layers[0].mlp.down_proj, ours.lm_head, ours.embed_tokens.table]
+    assert all(isinstance(m, QuantLinear) and m.bits == STORED[qtype] for m in layers)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    ids = torch.randint(0, 64, rows, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = ours(ids)
+        expected = theirs(ids).logits
+    assert torch.isfinite(expected).all() and expected.abs().max() > 1
+    tolerance = 3e-2 if qtype.endswith("_K") else 1e-4  # of the largest logit
+    assert (got - expected).abs().max().item() < tolerance * expected.abs().max().item()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
+
+
+def test_mixed_types_in_one_fused_layer_meet_losslessly(tmp_path):
+    """Q4_K_M stores q and k in Q4_K and v in Q6_K in some layers: the fused q/k/v layer holds all
+    three exactly (in 8 bits, groups of 16), so its weights are gguf's dequantized values."""
+    from llamita.quantize import QuantLinear
+
+    types = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q4_0", "blk.0.attn_v.weight": "Q6_K"}
+    path = write_tiny_gguf(tmp_path / "t.gguf", types=types, valid_blocks=True)
+    qkv = llamita.load_model(path, quantize="auto").layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, QuantLinear) and (qkv.bits, qkv.group_size) == (8, 16)
+    reference = llamita.load_model(path, quantize="none").layers[0].self_attn.qkv_proj.weight  # gguf's values
+    got = qkv.dequantize()
+    assert (got - reference).abs().max() <= 2**-10 * reference.abs().max()  # float16 scales

@@ -75,7 +75,8 @@ def _large_frees_go_back() -> None:
 
 def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
                           device: str | torch.device = "cpu", quantize: str = "none") -> Llama:
-    from llamita.quantize import QuantizedWeight, cat_rows, check_kind, finish, quantized_layer
+    from llamita.quantize import (QuantEmbedding, QuantizedWeight, QuantLinear, cat_rows, check_kind, finish,
+                                  quantized_layer)
 
     check_kind(quantize, device)
     _large_frees_go_back()
@@ -116,10 +117,16 @@ def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
                 setattr(model.get_submodule(parent), child, layer)
                 quantized = True
                 continue
-        if stored:  # the embedding: its rows are read, not multiplied, so it is held dequantized
-            if config.tie_embeddings and quantize != "none":
-                model.lm_head = quantized_layer(tensor, "float16" if quantize == "float16" else "auto")
-                quantized = True
+        if stored and quantize != "float16":  # the embedding, looked up in its stored codes
+            table = QuantLinear(tensor)
+            model.embed_tokens = QuantEmbedding(table)
+            if config.tie_embeddings:
+                model.lm_head = table
+            quantized = True
+            continue
+        if stored:  # float16: a float16 table, and fbgemm's float16 layer for a tied output
+            if config.tie_embeddings:
+                model.lm_head = quantized_layer(tensor, "float16")
             tensor = tensor.dequantize()
         param = nn.Parameter(tensor.to(dtype=dtype), requires_grad=False)
         setattr(model.get_submodule(module_name), attr, param)
