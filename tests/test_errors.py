@@ -66,10 +66,30 @@ def test_corrupt_safetensors_header(hf_dir):
 
 
 def test_truncated_gguf(tmp_path):
-    path = write_tiny_gguf(tmp_path / "t.gguf")
-    truncate(path)
+    path = write_tiny_gguf(tmp_path / "t.gguf", types={"blk.0.ffn_down.weight": "Q4_K"}, valid_blocks=True)
+    truncate(path, keep=0.8)
     msg = load_error(path)
-    assert "t.gguf" in msg and "GGUF" in msg
+    assert "t.gguf" in msg and "tensor " in msg and "truncated" in msg and "file ends" in msg
+
+
+def test_gguf_tensor_smaller_than_its_shape_and_type(tmp_path):
+    """A Q4_0 tensor declared [256, 256] whose data holds half the rows: the next tensor starts
+    before its bytes would end."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "s.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    half = np.zeros((128, 256 // 32 * 18), dtype=np.uint8)
+    w.add_tensor("blk.0.ffn_up.weight", half, raw_shape=(256, 256 // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+    w.add_tensor("blk.0.ffn_down.weight", np.zeros((256, 256), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    msg = load_error(path)
+    assert "s.gguf" in msg and "blk.0.ffn_up.weight" in msg and "Q4_0" in msg and "(256, 256)" in msg
+    assert "needs 36864 bytes" in msg and "next tensor" in msg
 
 
 def test_truncated_pth(tmp_path):
@@ -109,9 +129,13 @@ def test_unsupported_architecture_gguf(tmp_path):
     assert "g.gguf" in msg and "gpt2" in msg
 
 
-def test_unsupported_quantization_type(tmp_path):
-    msg = load_error(write_tiny_gguf(tmp_path / "q.gguf", types={"blk.0.ffn_up.weight": "Q8_K"}))
-    assert "q.gguf" in msg and "Q8_K" in msg and "ffn_up" in msg
+@pytest.mark.parametrize("quantize", ["none", "auto"])
+def test_unsupported_quantization_type(tmp_path, quantize):
+    path = write_tiny_gguf(tmp_path / "q.gguf", types={"blk.0.ffn_up.weight": "Q8_K"})
+    with pytest.raises(LlamitaError) as e:
+        llamita.load_model(path, quantize=quantize)
+    msg = str(e.value)
+    assert "\n" not in msg and "q.gguf" in msg and "Q8_K" in msg and "ffn_up" in msg
 
 
 @pytest.mark.slow
