@@ -45,7 +45,7 @@ def timed(chunks) -> tuple[float, str]:
     return first, text
 
 
-def llamita_chat(source: str | None, quantize: str | None) -> Chat:
+def llamita_chat(source: str | None, quantize: str) -> Chat:
     from llamita.llm import LLM
 
     llm = LLM.load(source, quantize=quantize)
@@ -125,7 +125,7 @@ def main() -> None:
     document = tokenizer.decode(tokenizer.encode(" ".join(words))[: args.document_tokens])
 
     makers: dict[str, Callable[[], tuple[Chat, str]]] = {  # keys: ROWS
-        "llamita-fp32": lambda: (llamita_chat(args.source, None), "llamita fp32"),
+        "llamita-fp32": lambda: (llamita_chat(args.source, "none"), "llamita fp32"),
         "llamita-int4": lambda: (llamita_chat(args.source, "int4"), "llamita int4"),
         "llamita-fp16": lambda: (llamita_chat(args.source, "float16"), "llamita fp16"),
         "transformers-fp32": lambda: (transformers_chat(path), "transformers fp32 (whole conversation each turn)"),

@@ -58,7 +58,7 @@ def llamita_engine(source: str | None, kind: str, compile: bool = False) -> Engi
     from llamita.generate import cache_size_for, decode_step, prefill
     from llamita.llm import LLM
 
-    dtype, quantize = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "fp16": (None, "float16"),
+    dtype, quantize = {"fp32": (torch.float32, "none"), "bf16": (torch.bfloat16, "none"), "fp16": (None, "float16"),
                        "int4": (None, "int4")}[kind]
     llm = LLM.load(source, dtype=dtype, quantize=quantize, compile=compile)
     model = llm.model

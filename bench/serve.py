@@ -154,7 +154,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     commands = [(f"llamita {kind}", [sys.executable, "-m", "llamita", "serve", "--model", str(gguf),
                                      "--max-batch", str(max(args.clients)), "--max-seq-len", "1024",
-                                     *(["--quantize", kind] if kind != "float32" else []), "--port"])
+                                     "--quantize", "none" if kind == "float32" else kind, "--port"])
                 for kind in args.llamita]
     notes = []
     lcpp_python = args.llama_cpp_python or (sys.executable if importlib.util.find_spec("llama_cpp") else None)

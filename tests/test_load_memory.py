@@ -66,7 +66,8 @@ def test_bfloat16_hf_checkpoint_quantizes_while_loading(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape: (torch.randn(*shape, generator=g) * 0.02).bfloat16()  # noqa: E731
-    tensors = {"model.embed_tokens.weight": rand(256, DIM), "model.norm.weight": rand(DIM), "lm_head.weight": rand(256, DIM)}
+    tensors = {"model.embed_tokens.weight": rand(256, DIM), "model.norm.weight": rand(DIM),
+               "lm_head.weight": rand(256, DIM)}
     kv_dim = DIM // heads * kv
     for i in range(LAYERS):
         p = f"model.layers.{i}."

@@ -29,6 +29,7 @@ from llamita.quantize import (
     quantize,
 )
 
+
 def values(q: QuantizedWeight) -> torch.Tensor:
     """The weights a QuantizedWeight stands for, by the layout's definition: in each run of 32 weights
     byte j holds weight j (low nibble) and weight j + 16 (high); w = code * scale + offset per group."""

@@ -73,10 +73,39 @@ def _large_frees_go_back() -> None:
         pass
 
 
+def _place(model: Llama, name: str, tensor, quantize: str, dtype: torch.dtype, device) -> bool:
+    """Put one (joined) weight into the model: a quantized layer where ``quantize`` asks for one or the
+    file stores one, else a parameter. True where the model now holds quantized weights."""
+    from llamita.quantize import QuantEmbedding, QuantizedWeight, QuantLinear, quantized_layer
+
+    module_name, _, attr = name.rpartition(".")
+    tensor = tensor.map_rows(lambda t: t.to(device)) if isinstance(tensor, QuantizedWeight) else tensor.to(device)
+    stored = isinstance(tensor, QuantizedWeight)
+    block_linear = module_name.startswith("layers.") and isinstance(model.get_submodule(module_name), nn.Linear)
+    if block_linear or module_name == "lm_head" and stored:
+        # the output layer keeps its stored codes (llama.cpp's Q6_K or Q8_0) unless float16 is asked for
+        layer = quantized_layer(tensor, quantize if module_name != "lm_head" or quantize == "float16" else "auto")
+        if layer is not None:
+            parent, _, child = module_name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+            return True
+    if stored and quantize != "float16":  # the embedding, looked up in its stored codes
+        table = QuantLinear(tensor)
+        model.embed_tokens = QuantEmbedding(table)
+        if model.config.tie_embeddings:
+            model.lm_head = table
+        return True
+    if stored:  # float16: a float16 table, and fbgemm's float16 layer for a tied output
+        if model.config.tie_embeddings:
+            model.lm_head = quantized_layer(tensor, "float16")
+        tensor = tensor.dequantize()
+    setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor.to(dtype=dtype), requires_grad=False))
+    return False
+
+
 def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
                           device: str | torch.device = "cpu", quantize: str = "none") -> Llama:
-    from llamita.quantize import (QuantEmbedding, QuantizedWeight, QuantLinear, cat_rows, check_kind, finish,
-                                  quantized_layer)
+    from llamita.quantize import QuantizedWeight, cat_rows, check_kind, finish
 
     check_kind(quantize, device)
     _large_frees_go_back()
@@ -84,7 +113,6 @@ def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = Llama(config)
     expected = {name: t.shape for name, t in layout.split(dict(model.state_dict()), config).items()}
-    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     seen: set[str] = set()
     quantized = quantize not in ("auto", "none")
 
@@ -106,30 +134,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
             yield name, tensor, file
 
     for name, tensor, _ in layout.join(checked(), config, ckpt.path, cat=cat_rows):
-        module_name, _, attr = name.rpartition(".")
-        tensor = tensor.map_rows(lambda t: t.to(device)) if isinstance(tensor, QuantizedWeight) else tensor.to(device)
-        stored = isinstance(tensor, QuantizedWeight)
-        if module_name.startswith("layers.") and module_name in linears or module_name == "lm_head" and stored:
-            # the output layer keeps its stored codes (llama.cpp's Q6_K or Q8_0) unless float16 is asked for
-            layer = quantized_layer(tensor, quantize if module_name != "lm_head" or quantize == "float16" else "auto")
-            if layer is not None:
-                parent, _, child = module_name.rpartition(".")
-                setattr(model.get_submodule(parent), child, layer)
-                quantized = True
-                continue
-        if stored and quantize != "float16":  # the embedding, looked up in its stored codes
-            table = QuantLinear(tensor)
-            model.embed_tokens = QuantEmbedding(table)
-            if config.tie_embeddings:
-                model.lm_head = table
-            quantized = True
-            continue
-        if stored:  # float16: a float16 table, and fbgemm's float16 layer for a tied output
-            if config.tie_embeddings:
-                model.lm_head = quantized_layer(tensor, "float16")
-            tensor = tensor.dequantize()
-        param = nn.Parameter(tensor.to(dtype=dtype), requires_grad=False)
-        setattr(model.get_submodule(module_name), attr, param)
+        quantized |= _place(model, name, tensor, quantize, dtype, device)
     if isinstance(model.lm_head, nn.Linear):
         model.tie_weights()
     if config.tie_embeddings:
