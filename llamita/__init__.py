@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "Config": "llamita.config", "LLM": "llamita.llm", "Llama": "llamita.model", "LlamitaError": "llamita.errors",
-    "SamplingParams": "llamita.sampling", "encode_chat": "llamita.chat", "finetune": "llamita.train",
-    "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer", "save_model": "llamita.formats",
+    "SamplingParams": "llamita.sampling", "convert": "llamita.formats.export", "encode_chat": "llamita.chat",
+    "finetune": "llamita.train", "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer",
+    "save_model": "llamita.formats",
 }
-__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "encode_chat", "finetune", "load_model",
-           "load_tokenizer", "save_model"]
+__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "convert", "encode_chat", "finetune",
+           "load_model", "load_tokenizer", "save_model"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from llamita.config import Config
     from llamita.errors import LlamitaError
     from llamita.formats import load_model, save_model
+    from llamita.formats.export import convert
     from llamita.llm import LLM
     from llamita.model import Llama
     from llamita.sampling import SamplingParams

@@ -160,6 +160,15 @@ def cmd_merge(args: argparse.Namespace) -> None:
     merge(args.base, args.adapter, args.out, dtype=getattr(torch, args.dtype) if args.dtype else None)
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    import torch
+
+    from llamita.formats.export import convert
+
+    out = convert(args.source, args.out, type=args.type, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"llamita: wrote {out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamita", description="Run, chat with and fine-tune Llama 2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="write a checkpoint as GGUF (llama.cpp, Ollama) or in Hugging Face's layout")
+    p.add_argument("source", help="checkpoint directory, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("out", help="a .gguf file (replaced if it exists), or a directory for the Hugging Face layout")
+    p.add_argument("--type", default=None,
+                   help="f16 (default for .gguf), q8_0 or q4_0 for a .gguf OUT; hf (the default) for a directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the dtype the weights load in, and a Hugging Face OUT stores (default: the source's)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that batches concurrent requests")
     add_model_args(p)

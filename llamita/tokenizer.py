@@ -277,7 +277,7 @@ def _sentencepiece_proto(meta: dict[str, Any], tokens: list[str], types: list[in
 
 
 # Pre-tokenizer splits, by llama.cpp's `tokenizer.ggml.pre` name.
-_LLAMA3_SPLIT = (
+LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
@@ -295,7 +295,7 @@ def _smollm_pre() -> pre_tokenizers.PreTokenizer:
 def _llama3_pre() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )

@@ -35,6 +35,13 @@ def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, *rest).transpose(1, 2).reshape(out_dim, *rest)
 
 
+def half_to_interleaved(w: Tensor, n_heads: int) -> Tensor:
+    """The inverse of ``interleaved_to_half``: rotate-half rows back to Meta's interleaved order,
+    as GGUF stores q/k (llama.cpp's converters apply the same permutation)."""
+    out_dim, *rest = w.shape
+    return w.view(n_heads, 2, out_dim // n_heads // 2, *rest).transpose(1, 2).reshape(out_dim, *rest)
+
+
 def rotary_heads(name: str, config: Config) -> int | None:
     """The heads whose rotary pairs a q/k weight's rows hold; None for any other tensor."""
     if name.endswith("q_proj.weight"):

@@ -1,4 +1,5 @@
-"""Exports: a base with a LoRA adapter folded in, as a Hugging Face checkpoint with its tokenizer."""
+"""Exports: a base with a LoRA adapter folded in, as a Hugging Face checkpoint with its tokenizer; any
+checkpoint converted to GGUF (llama.cpp, Ollama) or to the Hugging Face layout."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import torch
 
+from llamita.errors import LlamitaError
 from llamita.files import atomic_write
 from llamita.formats import detect, load_model, save_model
+from llamita.formats.hf import trained_template
 
 
 def merge(base: str | Path | None, adapter: str | Path, out: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -21,6 +24,37 @@ def merge(base: str | Path | None, adapter: str | Path, out: str | Path, dtype: 
     load_adapter(model, adapter, merge=True)
     save_model(model, out, template=adapter_template(adapter))
     write_tokenizer(base, out)
+
+
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def convert(source: str | Path | None, out: str | Path, type: str | None = None,
+            dtype: torch.dtype | None = None) -> Path:
+    """``llamita convert``: ``source`` (anything ``load_model`` reads) written to ``out``: a ``.gguf``
+    file of ``type`` f16, q8_0 or q4_0 (default f16), replaced atomically if it exists; otherwise a
+    directory in the Hugging Face layout (``type`` "hf", the default there) with the tokenizer.
+    ``dtype``: the dtype the weights load in (and a Hugging Face output stores); default the source's."""
+    out = Path(out).expanduser()
+    to_gguf = out.suffix.lower() == ".gguf"
+    type = type or ("f16" if to_gguf else "hf")
+    if type not in (*GGUF_TYPES, "hf"):
+        raise LlamitaError(f"unknown --type {type!r} (known: {', '.join(GGUF_TYPES)}, hf)")
+    if to_gguf != (type != "hf"):
+        raise LlamitaError(f"{out}: --type {type} writes " + ("a directory, not a .gguf file" if type == "hf" else
+                                                               "a .gguf file: give OUT ending in .gguf"))
+    if out.exists() and out.is_dir() == to_gguf:
+        raise LlamitaError(f"{out}: exists and is {'a directory' if to_gguf else 'not a directory'}")
+    if to_gguf:
+        from llamita.formats.gguf_write import write_gguf
+
+        write_gguf(source, out, type, dtype)
+        return out
+    fmt, path = detect(source)
+    model = load_model(source, dtype=dtype, quantize="none")
+    save_model(model, out, template=trained_template(path) if fmt == "hf" else None)
+    write_tokenizer(source, out)
+    return out
 
 
 def write_tokenizer(source: str | Path | None, directory: str | Path) -> None:

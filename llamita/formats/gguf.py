@@ -99,6 +99,8 @@ _LAYER = {
     "ffn_norm": "post_attention_layernorm",
 }
 _TOP = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+_GGUF_LAYER = {ours: theirs for theirs, ours in _LAYER.items()}
+_GGUF_TOP = {ours: theirs for theirs, ours in _TOP.items()}
 _PLAIN = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -113,6 +115,15 @@ def from_gguf_name(name: str, where: Path) -> str | None:
     if base in _TOP:
         return f"{_TOP[base]}.{suffix}"
     raise LlamitaError(f"{where}: unexpected tensor {name!r} for a llama model")
+
+
+def to_gguf_name(name: str) -> str:
+    """llamita's checkpoint name -> GGUF's: the inverse of ``from_gguf_name``."""
+    module, _, suffix = name.rpartition(".")
+    parts = module.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers":
+        return f"blk.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{suffix}"
+    return f"{_GGUF_TOP[module]}.{suffix}"
 
 
 # -- quantized blocks -> codes, scales, offsets ----------------------------------------------------
