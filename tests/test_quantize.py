@@ -55,6 +55,7 @@ def random_weight(bits: int, group: int, offsets: bool, N: int = 96, K: int = 25
                            bits, group)
 
 
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 LAYOUTS = [(4, 32, True), (4, 64, True), (8, 32, False), (8, 32, True), (8, 16, False)]
 
 
@@ -72,7 +73,15 @@ def test_quant_linear_is_a_matmul_of_its_weights(bits, group, offsets, rows, pat
     x = torch.randn(2, rows, 256, generator=torch.Generator().manual_seed(1))
     y = layer(x)
     assert y.shape == (2, rows, 96) and y.dtype == torch.float32
-    torch.testing.assert_close(y, x @ w.T, atol=1e-4, rtol=1e-4)
+    if layer.kernel and rows < DEQUANTIZE_FROM_ROWS:
+        # the kernel takes x in int8 blocks of 32, as llama.cpp's Q8_0 (whose own scale is float16:
+        # 2^-11 apart from the kernel's float32 one, hence the tolerance)
+        as_q8_0 = gguf.quants.dequantize(gguf.quants.quantize(x.reshape(-1, 256).numpy(), Q8_0), Q8_0)
+        ref = torch.from_numpy(as_q8_0).view(x.shape) @ w.T
+        torch.testing.assert_close(y, ref, atol=2e-3 * ref.abs().max().item(), rtol=0)
+        assert (y - x @ w.T).abs().max() < 2e-2 * ref.abs().max()  # what the int8 activations cost
+    else:
+        torch.testing.assert_close(y, x @ w.T, atol=1e-4, rtol=1e-4)
     assert layer(x.bfloat16()).dtype == torch.bfloat16
 
 
@@ -173,7 +182,7 @@ def test_quantized_model_structure(int4_model):
         assert not any(hasattr(m, p) for m, p in [(attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"),
                                                   (mlp, "gate_proj"), (mlp, "up_proj")])
         assert (attn.qkv_proj.out_features, mlp.gate_up_proj.out_features) == (576 + 2 * 192, 2 * 1536)
-    assert int4_model.embed_tokens.weight.dtype == torch.float16
+    assert int4_model.embed_tokens.table is int4_model.lm_head  # the file's Q8_0 table, tied
     assert int4_model.norm.weight.dtype == torch.float32  # the body runs in float32 on CPU
 
 
@@ -211,7 +220,11 @@ def test_quantized_model_decodes_with_the_cache(int4_model):
         steps += [decode_step(int4_model, cache, [int(ids[0, i])], [i])[0] for i in range(4, 7)]
     steps = torch.stack(steps).float()
     assert (steps.argmax(-1) == full.argmax(-1)).all()
-    torch.testing.assert_close(steps, full, atol=1e-3 * full.abs().max().item(), rtol=0)
+    # The kernel rounds activations to int8 (as llama.cpp does), a step function: the last-bit
+    # differences between a whole pass and cached steps move values by a step of 1/127 here and
+    # there, which 30 layers spread (measured: 0.6% of the largest logit on average, 2.8% at most).
+    torch.testing.assert_close(steps, full, atol=6e-2 * full.abs().max().item(), rtol=0)
+    assert (steps - full).abs().mean() < 1.5e-2 * full.abs().max()
 
 
 @pytest.mark.slow
