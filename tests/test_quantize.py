@@ -60,7 +60,7 @@ LAYOUTS = [(4, 32, True), (4, 64, True), (8, 32, False), (8, 32, True), (8, 16, 
 
 
 @pytest.mark.parametrize("bits,group,offsets", LAYOUTS)
-@pytest.mark.parametrize("rows", [1, 3, 5, DEQUANTIZE_FROM_ROWS + 3])  # the kernel's row tiles; a prompt's GEMM
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, DEQUANTIZE_FROM_ROWS + 3])  # the kernel's row tiles; a prompt's GEMM
 @pytest.mark.parametrize("path", ["kernel", "pytorch"])
 def test_quant_linear_is_a_matmul_of_its_weights(bits, group, offsets, rows, path):
     q = random_weight(bits, group, offsets)

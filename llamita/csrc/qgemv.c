@@ -20,7 +20,7 @@
 #include <immintrin.h>
 #endif
 
-#define ROW_TILE 4 /* rows of x that share one expansion of a weight run */
+#define ROW_TILE 8 /* rows of x that share one expansion of a weight run */
 
 static inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
@@ -72,7 +72,7 @@ static inline __attribute__((always_inline)) void dot_rows(
     const __m256i low2 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     int64_t b = 0;
     if (bits == 4 && g >= 32) { /* two runs a step: one 32-byte load, two chains of sums */
-        __m256 acc2[ROW_TILE];
+        __m256 acc2[ROW_TILE]; /* a second chain of sums, where few rows leave the FMA unit waiting */
         for (int r = 0; r < rows; r++) acc2[r] = _mm256_setzero_ps();
         for (; b + 2 <= blocks; b += 2) {
             __m256i packed = _mm256_loadu_si256((const __m256i *)(codes + b * 16));
@@ -85,10 +85,12 @@ static inline __attribute__((always_inline)) void dot_rows(
                 __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)xr)), ones);
                 __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(xr + 32))), ones);
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_mul_ps(s0, _mm256_set1_ps(xd[r * blocks + b])), acc[r]);
-                acc2[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, _mm256_set1_ps(xd[r * blocks + b + 1])), acc2[r]);
+                __m256 *second = rows < 4 ? &acc2[r] : &acc[r];
+                *second = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_mul_ps(s1, _mm256_set1_ps(xd[r * blocks + b + 1])), *second);
             }
         }
-        for (int r = 0; r < rows; r++) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
+        if (rows < 4)
+            for (int r = 0; r < rows; r++) acc[r] = _mm256_add_ps(acc[r], acc2[r]);
     }
     for (; b < blocks; b++) {
         __m256i w;
@@ -175,7 +177,11 @@ void quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, in
                 case 1: dot_rows(q, d, K, cn, bits, sn, g, 1, out); break;
                 case 2: dot_rows(q, d, K, cn, bits, sn, g, 2, out); break;
                 case 3: dot_rows(q, d, K, cn, bits, sn, g, 3, out); break;
-                default: dot_rows(q, d, K, cn, bits, sn, g, 4, out); break;
+                case 4: dot_rows(q, d, K, cn, bits, sn, g, 4, out); break;
+                case 5: dot_rows(q, d, K, cn, bits, sn, g, 5, out); break;
+                case 6: dot_rows(q, d, K, cn, bits, sn, g, 6, out); break;
+                case 7: dot_rows(q, d, K, cn, bits, sn, g, 7, out); break;
+                default: dot_rows(q, d, K, cn, bits, sn, g, 8, out); break;
             }
             if (offsets)
                 for (int r = 0; r < rows; r++) out[r] += offset_dot(offsets + n * groups, xs + (m0 + r) * groups, groups);
