@@ -8,6 +8,7 @@ import torch
 
 from llamita.config import PRESETS, Config
 from llamita.formats import read_checkpoint
+from llamita.formats.gguf import stored_kind
 from llamita.model import Llama
 
 
@@ -54,7 +55,10 @@ def describe(source: str | Path | None) -> str:
         f"parameters:     {n:,}",
     ]
     if stored is not None:
-        lines.append(f"loads as:       {str(stored.dtype).removeprefix('torch.')} by default")
+        if stored.format == "gguf" and stored_kind(stored) != "none":
+            lines.append("loads as:       stored quantization by default (--quantize none: float32)")
+        else:
+            lines.append(f"loads as:       {str(stored.dtype).removeprefix('torch.')} by default")
     for dtype in (torch.float32, torch.bfloat16):
         lines.append(f"memory {str(dtype).removeprefix('torch.'):9s} {_size(n * dtype.itemsize)}")
     return "\n".join(lines)

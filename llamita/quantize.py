@@ -85,16 +85,6 @@ class QuantizedWeight:
             return torch.mul(codes, scales, out=w).view(N, K)
         return torch.addcmul(self.offsets.to(dtype)[..., None], codes, scales, out=w).view(N, K)
 
-    def as_int8(self, group_size: int) -> "QuantizedWeight":
-        """The same values in the 8-bit layout with groups of ``group_size`` (dividing this one's):
-        lossless, so that parts stored in different types can be fused into one layer."""
-        repeat = self.group_size // group_size
-        codes = self.unpacked_codes().to(torch.int8)
-        offsets = self.offsets if self.offsets is not None else torch.zeros_like(self.scales)
-        return QuantizedWeight(codes, self.scales.repeat_interleave(repeat, 1),
-                               offsets.repeat_interleave(repeat, 1) if self.bits == 4 or self.offsets is not None
-                               else None, 8, group_size)
-
 
 def pack_int4(codes: Tensor) -> Tensor:
     """Codes 0..15 [N, K] -> [N, K/2] bytes in QuantizedWeight's order."""
@@ -103,18 +93,15 @@ def pack_int4(codes: Tensor) -> Tensor:
     return (runs[:, :, 0] | runs[:, :, 1] << 4).view(N, K // 2)
 
 
-def cat_rows(parts: list) -> Tensor | QuantizedWeight:
+def cat_rows(parts: list) -> Tensor | QuantizedWeight | list[QuantizedWeight]:
     """The parts of a fused module (q/k/v, gate/up), rows one after the other. Quantized parts stored
-    in different layouts (Q4_K_M's q and k in 4 bits, v in 6) meet, losslessly, in 8 bits."""
+    in different layouts (Q4_K_M's q and k in 4 bits, v in 6 in some layers) stay apart, a list of
+    parts that ``quantized_layer`` runs side by side, each read as compactly as it is stored."""
     if not any(isinstance(p, QuantizedWeight) for p in parts):
         return torch.cat(parts)
-    if not all(isinstance(p, QuantizedWeight) for p in parts):
-        parts = [p if isinstance(p, QuantizedWeight) else group_quantize(p, 32, bits=8) for p in parts]
+    parts = [p if isinstance(p, QuantizedWeight) else group_quantize(p, 32, bits=8) for p in parts]
     if len({(p.bits, p.group_size, p.offsets is None) for p in parts}) > 1:
-        group = min(p.group_size for p in parts)
-        parts = [p.as_int8(group) for p in parts]
-        if any(p.offsets is not None for p in parts):
-            parts = [p if p.offsets is not None else replace(p, offsets=torch.zeros_like(p.scales)) for p in parts]
+        return parts
     first = parts[0]
     return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
                            None if first.offsets is None else torch.cat([p.offsets for p in parts]),
@@ -212,6 +199,23 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}")
 
 
+class ConcatLinear(nn.Module):
+    """A fused layer (q/k/v) whose parts are stored in different layouts: each part its own layer,
+    their outputs side by side, as the fused matrix would give them."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([part(x) for part in self.parts], dim=-1)
+
+    def dequantize(self) -> Tensor:
+        return torch.cat([part.dequantize() for part in self.parts])
+
+
 class QuantEmbedding(nn.Module):
     """An embedding over a ``QuantLinear``'s codes (a GGUF's quantized token_embd): each token's row is
     dequantized as it is looked up, so the table stays as small as stored, and a tied output layer
@@ -283,10 +287,14 @@ def check_kind(quantize: str, device: torch.device | str = "cpu") -> None:
                            f"{torch.backends.quantized.supported_engines}: use --quantize int4")
 
 
-def quantized_layer(weight: Tensor | QuantizedWeight, quantize: str, group_size: int = 32) -> nn.Module | None:
+def quantized_layer(weight: Tensor | QuantizedWeight | list[QuantizedWeight], quantize: str,
+                    group_size: int = 32) -> nn.Module | None:
     """The layer for one linear weight under ``quantize`` ("auto": as stored), or None where it stays a
     plain float weight. A stored layout is kept where it has no more bits than asked for (GGUF's Q4_*
     under int4 or int8), so its codes come back exactly; anything else is quantized from float values."""
+    if isinstance(weight, list):  # parts stored in different layouts (``cat_rows``)
+        return ConcatLinear([quantized_layer(part, "auto" if quantize == "none" else quantize, group_size)
+                             for part in weight])
     stored = isinstance(weight, QuantizedWeight)
     if quantize == "none":
         return None

@@ -122,15 +122,23 @@ def test_each_quantized_type_runs_quantized_close_to_transformers(tmp_path, qtyp
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
 
 
-def test_mixed_types_in_one_fused_layer_meet_losslessly(tmp_path):
-    """Q4_K_M stores q and k in Q4_K and v in Q6_K in some layers: the fused q/k/v layer holds all
-    three exactly (in 8 bits, groups of 16), so its weights are gguf's dequantized values."""
-    from llamita.quantize import QuantLinear
+def test_mixed_types_in_one_fused_layer_stay_as_stored(tmp_path):
+    """Q4_K_M stores q and k in Q4_K and v in Q6_K in some layers: the fused q/k/v layer runs each
+    part in its own layout (read as compactly as stored), outputs side by side, and its weights are
+    gguf's dequantized values."""
+    from llamita.quantize import ConcatLinear
 
     types = {"blk.0.attn_q.weight": "Q4_K", "blk.0.attn_k.weight": "Q4_0", "blk.0.attn_v.weight": "Q6_K"}
     path = write_tiny_gguf(tmp_path / "t.gguf", types=types, valid_blocks=True)
-    qkv = llamita.load_model(path, quantize="auto").layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, QuantLinear) and (qkv.bits, qkv.group_size) == (8, 16)
-    reference = llamita.load_model(path, quantize="none").layers[0].self_attn.qkv_proj.weight  # gguf's values
-    got = qkv.dequantize()
-    assert (got - reference).abs().max() <= 2**-10 * reference.abs().max()  # float16 scales
+    ours = llamita.load_model(path, quantize="auto")
+    qkv = ours.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, ConcatLinear)
+    assert [(p.bits, p.group_size, p.out_features) for p in qkv.parts] == [(4, 32, 256), (4, 32, 128), (8, 16, 128)]
+    float_model = llamita.load_model(path, quantize="none")
+    reference = float_model.layers[0].self_attn.qkv_proj.weight  # gguf's values
+    assert (qkv.dequantize() - reference).abs().max() <= 2**-10 * reference.abs().max()  # float16 scales
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for part in qkv.parts:
+            part.kernel = False
+        torch.testing.assert_close(qkv(x), x @ qkv.dequantize().T, atol=1e-4, rtol=1e-4)

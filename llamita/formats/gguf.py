@@ -18,7 +18,7 @@ from torch import Tensor
 from llamita.config import config_from_gguf
 from llamita.errors import LlamitaError
 from llamita.formats.checkpoint import Checkpoint
-from llamita.quantize import QuantizedWeight, pack_int4
+from llamita.quantize import QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 
@@ -127,9 +127,9 @@ def to_gguf_name(name: str) -> str:
 
 
 # -- quantized blocks -> codes, scales, offsets ----------------------------------------------------
-# Each takes one tensor's blocks as bytes [N rows, blocks per row, block bytes] and returns
-# (codes [N, K] one a weight, scales and offsets [N, K / group] in float32, bits, group size), with
-# every weight = code * scale + offset exactly as llama.cpp's dequantization computes it.
+# Each takes one tensor's blocks as bytes [N rows, blocks per row, block bytes] and returns (codes:
+# 8 bits one a weight, 4 bits two a byte in QuantizedWeight's order; scales and offsets [N, K / group]
+# in float32; bits; group size), every weight = code * scale + offset exactly as llama.cpp computes it.
 
 def _f16(b: Tensor) -> Tensor:
     return b.contiguous().view(torch.float16).float()[..., 0]
@@ -185,9 +185,12 @@ def _k_affine(b, q):
 
 
 def _q4_k(b):
-    # 4 runs of 32 bytes: the low nibbles are one group of 32, the high nibbles the next
-    q = _nibbles(b[..., 16:144].unflatten(-1, (4, 32))).flatten(-2)
-    return (*_k_affine(b, q), 4, 32)
+    # 4 runs of 32 bytes: the low nibbles are one group of 32, the high nibbles the next. Repacked
+    # straight into QuantizedWeight's order (byte j of a group: weights j and j + 16).
+    qs = b[..., 16:144].unflatten(-1, (4, 2, 16))
+    first, second = qs[..., 0, :], qs[..., 1, :]  # bytes 0..15 and 16..31 of each run
+    packed = torch.stack([(first & 15) | (second << 4), (first >> 4) | (second & 0xF0)], dim=-2)
+    return (*_k_affine(b, packed.flatten(-3)), 4, 32)
 
 
 def _q5_k(b):
@@ -216,9 +219,7 @@ def quantized_weight(t: gguf.ReaderTensor, where: Path) -> QuantizedWeight:
     N = int(np.prod(t.shape[1:]))
     block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
     blocks = torch.from_numpy(np.array(t.data)).view(N, -1, size)
-    codes, scales, offsets, bits, group = decode(blocks)
-    if bits == 4:
-        codes = codes.reshape(N, -1) if codes.shape[-1] == 16 else pack_int4(codes.reshape(N, -1))
+    codes, scales, offsets, bits, group = decode(blocks)  # 4-bit codes come packed
     return QuantizedWeight(codes.reshape(N, -1).contiguous(), scales.reshape(N, -1),
                            None if offsets is None else offsets.reshape(N, -1), bits, group)
 

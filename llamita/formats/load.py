@@ -79,8 +79,9 @@ def _place(model: Llama, name: str, tensor, quantize: str, dtype: torch.dtype, d
     from llamita.quantize import QuantEmbedding, QuantizedWeight, QuantLinear, quantized_layer
 
     module_name, _, attr = name.rpartition(".")
-    tensor = tensor.map_rows(lambda t: t.to(device)) if isinstance(tensor, QuantizedWeight) else tensor.to(device)
-    stored = isinstance(tensor, QuantizedWeight)
+    to_device = lambda t: t.map_rows(lambda x: x.to(device)) if isinstance(t, QuantizedWeight) else t.to(device)  # noqa: E731
+    tensor = [to_device(t) for t in tensor] if isinstance(tensor, list) else to_device(tensor)
+    stored = isinstance(tensor, (QuantizedWeight, list))
     block_linear = module_name.startswith("layers.") and isinstance(model.get_submodule(module_name), nn.Linear)
     if block_linear or module_name == "lm_head" and stored:
         # the output layer keeps its stored codes (llama.cpp's Q6_K or Q8_0) unless float16 is asked for
