@@ -61,6 +61,8 @@ def _library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.quant_matmul.argtypes = [p, i64, i64, p, ctypes.c_int, p, p, i64, i64, p, ctypes.c_int]
     lib.quant_matmul.restype = None
+    lib.kquant_matmul.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, ctypes.c_int]
+    lib.kquant_matmul.restype = None
     return lib
 
 
@@ -87,3 +89,23 @@ def quant_matmul(x: Tensor, codes: Tensor, scales: Tensor, offsets: Tensor | Non
 @quant_matmul.register_fake
 def _(x, codes, scales, offsets, bits, group_size):
     return x.new_empty(x.shape[0], codes.shape[0])
+
+
+KQUANT_FORMATS = {"Q4_K": 0, "Q6_K": 1}
+
+
+@torch.library.custom_op("llamita::kquant_matmul", mutates_args=())
+def kquant_matmul(x: Tensor, blocks: Tensor, format: str) -> Tensor:
+    """x [M, K] float32 @ w.T -> [M, N] float32, with w held as GGUF blocks of ``format`` ("Q4_K",
+    "Q6_K") [N, K/256 * block bytes], read as stored; x quantized to int8 as in ``quant_matmul``."""
+    x = x.contiguous()
+    M, K = x.shape
+    y = x.new_empty(M, blocks.shape[0])
+    _library().kquant_matmul(x.data_ptr(), M, K, blocks.data_ptr(), KQUANT_FORMATS[format], blocks.shape[0],
+                             y.data_ptr(), torch.get_num_threads())
+    return y
+
+
+@kquant_matmul.register_fake
+def _(x, blocks, format):
+    return x.new_empty(x.shape[0], blocks.shape[0])

@@ -30,6 +30,7 @@ from llamita.errors import LlamitaError
 from llamita.model import Llama
 
 KINDS = ("auto", "none", "int4", "int8", "float16")
+BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}  # GGUF blocks the CPU kernel reads as stored (256 weights each)
 
 
 @dataclass
@@ -37,25 +38,42 @@ class QuantizedWeight:
     """A weight matrix [N, K] as codes, scales and offsets, rows first in each: ``codes`` uint8
     [N, K/2] for 4 bits (in each run of 32 weights, byte j holds weight j in its low nibble and
     weight j + 16 in its high one: GGUF's order) or int8 [N, K] for 8; ``scales`` and ``offsets``
-    [N, K/group_size] (float16 in layers, float32 as read from a file), offsets None where all zero."""
+    [N, K/group_size] (float16 in layers, float32 as read from a file), offsets None where all zero.
+
+    ``blocks``: instead, GGUF's own blocks of that type ("Q4_K", "Q6_K": 256 weights in 144 and 210
+    bytes), ``codes`` their bytes [N, K/256 * block bytes], scales and offsets None: the CPU kernel
+    reads them as stored, as compact as llama.cpp's; ``decoded()`` gives the plain layout."""
 
     codes: Tensor
-    scales: Tensor
+    scales: Tensor | None
     offsets: Tensor | None
     bits: int
     group_size: int
+    blocks: str | None = None
 
     @property
     def shape(self) -> torch.Size:
+        if self.blocks:
+            return torch.Size((self.codes.shape[0], self.codes.shape[1] // BLOCK_BYTES[self.blocks] * 256))
         return torch.Size((self.codes.shape[0], self.scales.shape[1] * self.group_size))
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "QuantizedWeight":
         """The same weight with ``fn`` (a reordering or slicing of rows) applied to each part."""
-        return replace(self, codes=fn(self.codes), scales=fn(self.scales),
+        return replace(self, codes=fn(self.codes), scales=None if self.scales is None else fn(self.scales),
                        offsets=None if self.offsets is None else fn(self.offsets))
+
+    def decoded(self) -> "QuantizedWeight":
+        """The plain layout of the same values (GGUF blocks decoded to codes, scales and offsets)."""
+        if not self.blocks:
+            return self
+        from llamita.formats.gguf import decode_blocks  # the format's reader knows its blocks
+
+        return decode_blocks(self.codes, self.blocks)
 
     def unpacked_codes(self) -> Tensor:
         """The codes one a weight, [N, K] (uint8 for 4 bits, int8 for 8)."""
+        if self.blocks:
+            return self.decoded().unpacked_codes()
         if self.bits == 8:
             return self.codes
         N, K = self.shape
@@ -65,6 +83,8 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weights [N, K] in ``dtype``; each code goes from its byte to its float in one pass
         (``addcmul`` converts integers as it reads), since a prompt dequantizes every layer."""
+        if self.blocks:
+            return self.decoded().dequantize(dtype)
         N, K = self.shape
         runs = K // 32  # runs of 32 weights; a group is one or more runs, or half of one (16)
         per_run = lambda t: t.to(dtype).repeat_interleave(max(self.group_size // 32, 1), 1)  # noqa: E731
@@ -100,12 +120,11 @@ def cat_rows(parts: list) -> Tensor | QuantizedWeight | list[QuantizedWeight]:
     if not any(isinstance(p, QuantizedWeight) for p in parts):
         return torch.cat(parts)
     parts = [p if isinstance(p, QuantizedWeight) else group_quantize(p, 32, bits=8) for p in parts]
-    if len({(p.bits, p.group_size, p.offsets is None) for p in parts}) > 1:
+    if len({(p.bits, p.group_size, p.offsets is None, p.blocks) for p in parts}) > 1:
         return parts
     first = parts[0]
-    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-                           None if first.offsets is None else torch.cat([p.offsets for p in parts]),
-                           first.bits, first.group_size)
+    cat = lambda field: None if getattr(first, field) is None else torch.cat([getattr(p, field) for p in parts])  # noqa: E731
+    return replace(first, codes=cat("codes"), scales=cat("scales"), offsets=cat("offsets"))
 
 
 def group_quantize(w: Tensor, group_size: int = 32, bits: int = 4, rows: int = 1024) -> QuantizedWeight:
@@ -147,10 +166,12 @@ class QuantLinear(nn.Module):
 
     def __init__(self, q: QuantizedWeight):
         super().__init__()
+        if q.blocks and (q.codes.is_cuda or not kernels.available()):
+            q = q.decoded()  # GGUF blocks run only on the CPU kernel; elsewhere the plain layout
         self.out_features, self.in_features = q.shape
-        self.bits, self.group_size = q.bits, q.group_size
+        self.bits, self.group_size, self.blocks = q.bits, q.group_size, q.blocks
         self.register_buffer("codes", q.codes)
-        self.register_buffer("scales", q.scales.half())  # the kernel's; k-quants' products round here
+        self.register_buffer("scales", None if q.scales is None else q.scales.half())  # k-quants' products round here
         self.register_buffer("offsets", None if q.offsets is None else q.offsets.half())
         self.tinygemm = q.codes.is_cuda and q.bits == 4
         self.kernel = not q.codes.is_cuda and kernels.available()
@@ -164,7 +185,7 @@ class QuantLinear(nn.Module):
 
     @property
     def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scales, self.offsets, self.bits, self.group_size)
+        return QuantizedWeight(self.codes, self.scales, self.offsets, self.bits, self.group_size, self.blocks)
 
     def forward(self, x: Tensor) -> Tensor:
         # Decoding calls this ~200 times a token, so it keeps to plain attributes and skips no-op casts.
@@ -172,6 +193,8 @@ class QuantLinear(nn.Module):
         rows = x2.shape[0]
         if self.tinygemm:
             y = torch._weight_int4pack_mm(x2.bfloat16(), self.weight, self.group_size, self.scales_and_zeros)
+        elif self.blocks and self.kernel:  # decoding GGUF blocks costs more than the kernel at any size
+            y = kernels.kquant_matmul(x2 if x2.dtype == torch.float32 else x2.float(), self.codes, self.blocks)
         elif self.kernel and rows < DEQUANTIZE_FROM_ROWS:
             y = kernels.quant_matmul(x2 if x2.dtype == torch.float32 else x2.float(), self.codes, self.scales,
                                      self.offsets, self.bits, self.group_size)

@@ -88,7 +88,7 @@ def test_default_loads_in_requested_dtype(default_gguf, dtype):
     assert model.lm_head.weight is model.embed_tokens.weight  # tied, as the file says
 
 
-STORED = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 8, "Q8_0": 8}
+STORED = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 8, "Q5_1": 8, "Q5_K": 8, "Q6_K": 6, "Q8_0": 8}  # bits held
 
 
 @pytest.mark.parametrize("qtype", STORED)
@@ -124,7 +124,7 @@ def test_each_quantized_type_runs_quantized_close_to_transformers(tmp_path, qtyp
 
 def test_mixed_types_in_one_fused_layer_stay_as_stored(tmp_path):
     """Q4_K_M stores q and k in Q4_K and v in Q6_K in some layers: the fused q/k/v layer runs each
-    part in its own layout (read as compactly as stored), outputs side by side, and its weights are
+    part in its own layout (k-quants as their GGUF blocks), outputs side by side, and its weights are
     gguf's dequantized values."""
     from llamita.quantize import ConcatLinear
 
@@ -133,7 +133,8 @@ def test_mixed_types_in_one_fused_layer_stay_as_stored(tmp_path):
     ours = llamita.load_model(path, quantize="auto")
     qkv = ours.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, ConcatLinear)
-    assert [(p.bits, p.group_size, p.out_features) for p in qkv.parts] == [(4, 32, 256), (4, 32, 128), (8, 16, 128)]
+    parts = [(p.blocks, p.bits, p.out_features) for p in qkv.parts]
+    assert parts == [("Q4_K", 4, 256), (None, 4, 128), ("Q6_K", 6, 128)]
     float_model = llamita.load_model(path, quantize="none")
     reference = float_model.layers[0].self_attn.qkv_proj.weight  # gguf's values
     assert (qkv.dequantize() - reference).abs().max() <= 2**-10 * reference.abs().max()  # float16 scales

@@ -10,6 +10,9 @@
  * int4 codes: [N, K / 2] bytes; in each run of 32 weights, byte j holds weight j in its low nibble
  * and weight j + 16 in its high nibble (GGUF's Q4_0/Q4_1 order). int8 codes: [N, K] signed bytes.
  * The offsets' part, sum_k offset * x, is sum_groups offset * (sum of x over the group).
+ *
+ * GGUF's Q4_K and Q6_K blocks (256 weights in 144 and 210 bytes) are read as stored, so decoding
+ * reads no more bytes than llama.cpp does: ``kquant_matmul``.
  * Built at first use by llamita/kernels.py with -march=native; llamita/quantize.py keeps the
  * pure-PyTorch path that tests check this against. */
 #include <math.h>
@@ -185,6 +188,175 @@ void quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, in
             }
             if (offsets)
                 for (int r = 0; r < rows; r++) out[r] += offset_dot(offsets + n * groups, xs + (m0 + r) * groups, groups);
+            for (int r = 0; r < rows; r++) y[(m0 + r) * N + n] = out[r];
+        }
+    }
+    free(xq); free(xd); free(xs);
+}
+
+/* -- GGUF k-quant blocks, as stored -------------------------------------------------------------- */
+
+/* The 8 six-bit scales and mins of a Q4_K super-block's 12 scale bytes. */
+static inline void k_scales(const uint8_t *b, float *sc, float *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = b[j] & 63; mn[j] = b[j + 4] & 63;
+        sc[j + 4] = (b[j + 8] & 15) | ((b[j] >> 6) << 4);
+        mn[j + 4] = (b[j + 8] >> 4) | ((b[j + 4] >> 6) << 4);
+    }
+}
+
+/* Q4_K: w = d * sc[run] * q - dmin * mn[run], q 0..15; 32-byte chunk i holds run 2i in its low
+ * nibbles and run 2i + 1 in its high ones. */
+static inline __attribute__((always_inline)) void q4k_rows(
+        const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *row, int rows, float *out) {
+    int64_t supers = K / 256, blocks = K / 32;
+    for (int r = 0; r < rows; r++) out[r] = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[ROW_TILE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+#endif
+    for (int64_t sb = 0; sb < supers; sb++) {
+        const uint8_t *blk = row + sb * 144;
+        float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
+        float sc[8], mn[8];
+        k_scales(blk + 4, sc, mn);
+        for (int r = 0; r < rows; r++) { /* the mins' part: sum over runs of dmin * mn * (sum of x) */
+            const float *sums = xs + r * blocks + sb * 8;
+            float t = 0.0f;
+            for (int j = 0; j < 8; j++) t += mn[j] * sums[j];
+            out[r] -= dmin * t;
+        }
+        for (int i = 0; i < 4; i++) {
+            int64_t b0 = sb * 8 + 2 * i;
+#if defined(__AVX2__) && defined(__FMA__)
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * i));
+            __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *x0 = xq + r * K + b0 * 32;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x0)), ones);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x0 + 32))), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc[2 * i] * xd[r * blocks + b0]), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc[2 * i + 1] * xd[r * blocks + b0 + 1]), acc[r]);
+            }
+#else
+            const uint8_t *q = blk + 16 + 32 * i;
+            for (int r = 0; r < rows; r++) {
+                const int8_t *x0 = xq + r * K + b0 * 32;
+                int s0 = 0, s1 = 0;
+                for (int j = 0; j < 32; j++) { s0 += (q[j] & 15) * x0[j]; s1 += (q[j] >> 4) * x0[32 + j]; }
+                out[r] += d * (sc[2 * i] * s0 * xd[r * blocks + b0] + sc[2 * i + 1] * s1 * xd[r * blocks + b0 + 1]);
+            }
+#endif
+        }
+    }
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int r = 0; r < rows; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] += _mm_cvtss_f32(h);
+    }
+#endif
+}
+
+/* Q6_K: w = d * sc[16-group] * (q - 32), q 0..63 from 4 low bits (ql) and 2 high bits (qh); each half
+ * of 128 weights: runs 0 and 1 in the low nibbles of ql's two 32-byte rows, runs 2 and 3 in their high
+ * nibbles, the high bits of run k at bits 2k of qh's 32 bytes. */
+static inline __attribute__((always_inline)) void q6k_rows(
+        const int8_t *xq, const float *xd, int64_t K, const uint8_t *row, int rows, float *out) {
+    int64_t supers = K / 256, blocks = K / 32;
+    for (int r = 0; r < rows; r++) out[r] = 0.0f;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[ROW_TILE];
+    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32),
+                  ones = _mm256_set1_epi16(1);
+#endif
+    for (int64_t sb = 0; sb < supers; sb++) {
+        const uint8_t *blk = row + sb * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = half_to_float(*(const uint16_t *)(blk + 208));
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+#if defined(__AVX2__) && defined(__FMA__)
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
+            __m256i q[4] = {
+                _mm256_or_si256(_mm256_and_si256(l0, low), _mm256_slli_epi16(_mm256_and_si256(hb, two), 4)),
+                _mm256_or_si256(_mm256_and_si256(l1, low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), two), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), two), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), two), 4)),
+            };
+            for (int k = 0; k < 4; k++) {
+                __m256i w = _mm256_sub_epi8(q[k], bias), wa = _mm256_sign_epi8(w, w);
+                int j = 8 * h + 2 * k; /* the run's two 16-groups */
+                __m256 ws = _mm256_set_m128(_mm_set1_ps(d * sc[j + 1]), _mm_set1_ps(d * sc[j]));
+                int64_t b = sb * 8 + 4 * h + k;
+                for (int r = 0; r < rows; r++) {
+                    __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + r * K + b * 32)), w);
+                    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_set1_ps(xd[r * blocks + b])), acc[r]);
+                }
+            }
+#else
+            for (int k = 0; k < 4; k++) {
+                int64_t b = sb * 8 + 4 * h + k;
+                for (int r = 0; r < rows; r++) {
+                    const int8_t *x0 = xq + r * K + b * 32;
+                    for (int half = 0; half < 2; half++) {
+                        int s = 0;
+                        for (int l = 16 * half; l < 16 * half + 16; l++) {
+                            int lowbits = k % 2 == 0 ? ql[l] : ql[32 + l];
+                            lowbits = k < 2 ? lowbits & 15 : lowbits >> 4;
+                            int q = lowbits | (((qh[l] >> (2 * k)) & 3) << 4);
+                            s += (q - 32) * x0[l];
+                        }
+                        out[r] += d * sc[8 * h + 2 * k + half] * s * xd[r * blocks + b];
+                    }
+                }
+            }
+#endif
+        }
+    }
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int r = 0; r < rows; r++) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_add_ss(h, _mm_movehdup_ps(h));
+        out[r] += _mm_cvtss_f32(h);
+    }
+#endif
+}
+
+/* y [M, N] = x [M, K] @ w.T for w held as GGUF blocks [N, K / 256 * block bytes]: format 0 is Q4_K,
+ * 1 is Q6_K. */
+void kquant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *blocks, int format, int64_t N, float *y,
+                   int threads) {
+    int64_t row_bytes = K / 256 * (format == 0 ? 144 : 210);
+    int8_t *xq = malloc(M * K);
+    float *xd = malloc(M * (K / 32) * sizeof(float)), *xs = malloc(M * (K / 32) * sizeof(float));
+    quantize_rows(x, M, K, 32, xq, xd, xs);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = blocks + n * row_bytes;
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+            int rows = M - m0 < ROW_TILE ? (int)(M - m0) : ROW_TILE;
+            const int8_t *q = xq + m0 * K;
+            const float *d = xd + m0 * (K / 32), *sums = xs + m0 * (K / 32);
+            float out[ROW_TILE];
+#define KQ_ROWS(R) (format == 0 ? q4k_rows(q, d, sums, K, row, R, out) : q6k_rows(q, d, K, row, R, out))
+            switch (rows) { /* a constant row count for each copy */
+                case 1: KQ_ROWS(1); break;
+                case 2: KQ_ROWS(2); break;
+                case 3: KQ_ROWS(3); break;
+                case 4: KQ_ROWS(4); break;
+                case 5: KQ_ROWS(5); break;
+                case 6: KQ_ROWS(6); break;
+                case 7: KQ_ROWS(7); break;
+                default: KQ_ROWS(8); break;
+            }
+#undef KQ_ROWS
             for (int r = 0; r < rows; r++) y[(m0 + r) * N + n] = out[r];
         }
     }

@@ -18,7 +18,7 @@ from torch import Tensor
 from llamita.config import config_from_gguf
 from llamita.errors import LlamitaError
 from llamita.formats.checkpoint import Checkpoint
-from llamita.quantize import QuantizedWeight
+from llamita.quantize import BLOCK_BYTES, QuantizedWeight
 
 Q = gguf.GGMLQuantizationType
 
@@ -212,16 +212,25 @@ DECODERS: dict[Q, Callable] = {Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q8_0: _q8_0, Q.Q5
                                Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 
 
-def quantized_weight(t: gguf.ReaderTensor, where: Path) -> QuantizedWeight:
-    """One quantized tensor's blocks as a ``QuantizedWeight`` [out, in], codes exactly as stored, scales
-    and offsets in float32 (exact: k-quants multiply two stored numbers); layers keep them in float16."""
-    decode = DECODERS[t.tensor_type]
-    N = int(np.prod(t.shape[1:]))
-    block, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-    blocks = torch.from_numpy(np.array(t.data)).view(N, -1, size)
-    codes, scales, offsets, bits, group = decode(blocks)  # 4-bit codes come packed
+def decode_blocks(raw: Tensor, qtype: str) -> QuantizedWeight:
+    """GGUF blocks [N, row bytes] of type ``qtype`` -> the plain layout, codes exactly as stored,
+    scales and offsets in float32 (exact: k-quants multiply two stored numbers)."""
+    qtype = Q[qtype]
+    N = raw.shape[0]
+    codes, scales, offsets, bits, group = DECODERS[qtype](raw.view(N, -1, gguf.GGML_QUANT_SIZES[qtype][1]))
     return QuantizedWeight(codes.reshape(N, -1).contiguous(), scales.reshape(N, -1),
                            None if offsets is None else offsets.reshape(N, -1), bits, group)
+
+
+def quantized_weight(t: gguf.ReaderTensor, where: Path) -> QuantizedWeight:
+    """One quantized tensor [out, in]: Q4_K and Q6_K as their blocks (the CPU kernel reads them as
+    stored), the other types decoded to the plain layout."""
+    N = int(np.prod(t.shape[1:]))
+    raw = torch.from_numpy(np.array(t.data)).view(N, -1)
+    if t.tensor_type.name in BLOCK_BYTES:
+        bits = {"Q4_K": 4, "Q6_K": 6}[t.tensor_type.name]
+        return QuantizedWeight(raw, None, None, bits, 256, blocks=t.tensor_type.name)
+    return decode_blocks(raw, t.tensor_type.name)
 
 
 def _release(reader: gguf.GGUFReader, t: gguf.ReaderTensor) -> None:
