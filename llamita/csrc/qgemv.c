@@ -39,6 +39,14 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum(__m256 v) { /* the sum of the 8 lanes */
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+#endif
+
 /* x [M, K] -> int8 codes q and one scale d per block of 32 (x ~ q * d), and the sums of q * d over
  * each group of g (for the offsets). */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t g, int8_t *q, float *d, float *sums) {
@@ -115,12 +123,7 @@ static inline __attribute__((always_inline)) void dot_rows(
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[r]);
         }
     }
-    for (int r = 0; r < rows; r++) {
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        out[r] = _mm_cvtss_f32(h);
-    }
+    for (int r = 0; r < rows; r++) out[r] = hsum(acc[r]);
 #else
     for (int r = 0; r < rows; r++) out[r] = 0.0f;
     for (int64_t b = 0; b < blocks; b++) {
@@ -251,12 +254,7 @@ static inline __attribute__((always_inline)) void q4k_rows(
         }
     }
 #if defined(__AVX2__) && defined(__FMA__)
-    for (int r = 0; r < rows; r++) {
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        out[r] += _mm_cvtss_f32(h);
-    }
+    for (int r = 0; r < rows; r++) out[r] += hsum(acc[r]);
 #endif
 }
 
@@ -320,12 +318,7 @@ static inline __attribute__((always_inline)) void q6k_rows(
         }
     }
 #if defined(__AVX2__) && defined(__FMA__)
-    for (int r = 0; r < rows; r++) {
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        h = _mm_add_ss(h, _mm_movehdup_ps(h));
-        out[r] += _mm_cvtss_f32(h);
-    }
+    for (int r = 0; r < rows; r++) out[r] += hsum(acc[r]);
 #endif
 }
 
