@@ -199,62 +199,68 @@ void quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, in
 
 /* -- GGUF k-quant blocks, as stored -------------------------------------------------------------- */
 
-/* The 8 six-bit scales and mins of a Q4_K super-block's 12 scale bytes. */
-static inline void k_scales(const uint8_t *b, float *sc, float *mn) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = b[j] & 63; mn[j] = b[j + 4] & 63;
-        sc[j + 4] = (b[j + 8] & 15) | ((b[j] >> 6) << 4);
-        mn[j + 4] = (b[j + 8] >> 4) | ((b[j + 4] >> 6) << 4);
-    }
-}
-
 /* Q4_K: w = d * sc[run] * q - dmin * mn[run], q 0..15; 32-byte chunk i holds run 2i in its low
  * nibbles and run 2i + 1 in its high ones. */
 static inline __attribute__((always_inline)) void q4k_rows(
         const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *row, int rows, float *out) {
     int64_t supers = K / 256, blocks = K / 32;
-    for (int r = 0; r < rows; r++) out[r] = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[ROW_TILE];
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+    __m256 acc[ROW_TILE], mins[ROW_TILE];
+    for (int r = 0; r < rows; r++) acc[r] = mins[r] = _mm256_setzero_ps();
     const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-#endif
+    for (int64_t sb = 0; sb < supers; sb++) {
+        const uint8_t *blk = row + sb * 144;
+        float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
+        uint32_t u[3], six[4]; /* the 8 six-bit scales, then the 8 mins, one a byte */
+        memcpy(u, blk + 4, 12);
+        six[0] = u[0] & 0x3f3f3f3f;
+        six[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        six[2] = u[1] & 0x3f3f3f3f;
+        six[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        __m256 sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)six))));
+        __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(six + 2)))));
+        __m256 f[ROW_TILE]; /* per row, each run's d * scale * (x's scale) */
+        for (int r = 0; r < rows; r++) {
+            f[r] = _mm256_mul_ps(sc, _mm256_loadu_ps(xd + r * blocks + sb * 8));
+            mins[r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xs + r * blocks + sb * 8), mins[r]);
+        }
+        for (int i = 0; i < 4; i++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * i));
+            __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            __m256i i0 = _mm256_set1_epi32(2 * i), i1 = _mm256_set1_epi32(2 * i + 1);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *x0 = xq + r * K + (sb * 8 + 2 * i) * 32;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x0)), ones);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x0 + 32))), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(f[r], i0), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(f[r], i1), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = hsum(acc[r]) - hsum(mins[r]);
+#else
+    for (int r = 0; r < rows; r++) out[r] = 0.0f;
     for (int64_t sb = 0; sb < supers; sb++) {
         const uint8_t *blk = row + sb * 144;
         float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
         float sc[8], mn[8];
-        k_scales(blk + 4, sc, mn);
-        for (int r = 0; r < rows; r++) { /* the mins' part: sum over runs of dmin * mn * (sum of x) */
-            const float *sums = xs + r * blocks + sb * 8;
-            float t = 0.0f;
-            for (int j = 0; j < 8; j++) t += mn[j] * sums[j];
-            out[r] -= dmin * t;
+        for (int j = 0; j < 4; j++) {
+            sc[j] = blk[4 + j] & 63; mn[j] = blk[8 + j] & 63;
+            sc[j + 4] = (blk[12 + j] & 15) | ((blk[4 + j] >> 6) << 4);
+            mn[j + 4] = (blk[12 + j] >> 4) | ((blk[8 + j] >> 6) << 4);
         }
         for (int i = 0; i < 4; i++) {
             int64_t b0 = sb * 8 + 2 * i;
-#if defined(__AVX2__) && defined(__FMA__)
-            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * i));
-            __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            for (int r = 0; r < rows; r++) {
-                const int8_t *x0 = xq + r * K + b0 * 32;
-                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x0)), ones);
-                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x0 + 32))), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(d * sc[2 * i] * xd[r * blocks + b0]), acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(d * sc[2 * i + 1] * xd[r * blocks + b0 + 1]), acc[r]);
-            }
-#else
             const uint8_t *q = blk + 16 + 32 * i;
             for (int r = 0; r < rows; r++) {
                 const int8_t *x0 = xq + r * K + b0 * 32;
                 int s0 = 0, s1 = 0;
                 for (int j = 0; j < 32; j++) { s0 += (q[j] & 15) * x0[j]; s1 += (q[j] >> 4) * x0[32 + j]; }
-                out[r] += d * (sc[2 * i] * s0 * xd[r * blocks + b0] + sc[2 * i + 1] * s1 * xd[r * blocks + b0 + 1]);
+                out[r] += d * (sc[2 * i] * s0 * xd[r * blocks + b0] + sc[2 * i + 1] * s1 * xd[r * blocks + b0 + 1])
+                          - dmin * (mn[2 * i] * xs[r * blocks + b0] + mn[2 * i + 1] * xs[r * blocks + b0 + 1]);
             }
-#endif
         }
     }
-#if defined(__AVX2__) && defined(__FMA__)
-    for (int r = 0; r < rows; r++) out[r] += hsum(acc[r]);
 #endif
 }
 
