@@ -97,7 +97,8 @@ KQUANT_FORMATS = {"Q4_K": 0, "Q6_K": 1}
 @torch.library.custom_op("llamita::kquant_matmul", mutates_args=())
 def kquant_matmul(x: Tensor, blocks: Tensor, format: str) -> Tensor:
     """x [M, K] float32 @ w.T -> [M, N] float32, with w held as GGUF blocks of ``format`` ("Q4_K",
-    "Q6_K") [N, K/256 * block bytes], read as stored; x quantized to int8 as in ``quant_matmul``."""
+    "Q6_K") [N, K/256 * block bytes], read as stored; x quantized to int8 per block of 256, as
+    llama.cpp's Q8_K, so that a block's scaled products add up in integers."""
     x = x.contiguous()
     M, K = x.shape
     y = x.new_empty(M, blocks.shape[0])

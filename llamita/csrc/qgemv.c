@@ -47,24 +47,25 @@ static inline float hsum(__m256 v) { /* the sum of the 8 lanes */
 }
 #endif
 
-/* x [M, K] -> int8 codes q and one scale d per block of 32 (x ~ q * d), and the sums of q * d over
- * each group of g (for the offsets). */
-static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t g, int8_t *q, float *d, float *sums) {
-    int64_t blocks = K / 32, part = g < 32 ? g : 32, groups = K / g;
+/* x [M, K] -> int8 codes q and one scale d per block of ``block`` values (32, or 256 for the k-quants:
+ * x ~ q * d), and the sums of q * d over each group of g (for the offsets). */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t block, int64_t g, int8_t *q, float *d,
+                          float *sums) {
+    int64_t blocks = K / block, part = g < block ? g : block, groups = K / g;
     for (int64_t m = 0; m < M; m++) {
         float *sm = sums + m * groups;
         for (int64_t G = 0; G < groups; G++) sm[G] = 0.0f;
         for (int64_t b = 0; b < blocks; b++) {
-            const float *xb = x + m * K + b * 32;
-            int8_t *qb = q + m * K + b * 32;
+            const float *xb = x + m * K + b * block;
+            int8_t *qb = q + m * K + b * block;
             float amax = 0.0f;
-            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(xb[j]));
+            for (int64_t j = 0; j < block; j++) amax = fmaxf(amax, fabsf(xb[j]));
             float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             d[m * blocks + b] = scale;
-            for (int j0 = 0; j0 < 32; j0 += part) {
+            for (int64_t j0 = 0; j0 < block; j0 += part) {
                 int s = 0;
-                for (int j = j0; j < j0 + part; j++) { qb[j] = (int8_t)lrintf(xb[j] * inv); s += qb[j]; }
-                sm[(b * 32 + j0) / g] += s * scale;
+                for (int64_t j = j0; j < j0 + part; j++) { qb[j] = (int8_t)lrintf(xb[j] * inv); s += qb[j]; }
+                sm[(b * block + j0) / g] += s * scale;
             }
         }
     }
@@ -169,7 +170,7 @@ void quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, in
     int64_t groups = K / g, row_bytes = bits == 4 ? K / 2 : K;
     int8_t *xq = malloc(M * K);
     float *xd = malloc(M * (K / 32) * sizeof(float)), *xs = malloc(M * groups * sizeof(float));
-    quantize_rows(x, M, K, g, xq, xd, xs);
+    quantize_rows(x, M, K, 32, g, xq, xd, xs);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *cn = codes + n * row_bytes;
@@ -199,91 +200,99 @@ void quant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *codes, in
 
 /* -- GGUF k-quant blocks, as stored -------------------------------------------------------------- */
 
-/* Q4_K: w = d * sc[run] * q - dmin * mn[run], q 0..15; 32-byte chunk i holds run 2i in its low
- * nibbles and run 2i + 1 in its high ones. */
+/* The k-quants take x in int8 blocks of 256 (one scale a super-block, as llama.cpp's Q8_K), so that a
+ * super-block's products, each scaled by its integer sub-scale, add up in integers; xd: x's scale per
+ * super-block, xs: the sums of x per 32 (for Q4_K's mins). */
+
+/* Q4_K: w = d * sc[run] * q - dmin * mn[run], q 0..15, sc and mn 6-bit; 32-byte chunk i holds run 2i
+ * in its low nibbles and run 2i + 1 in its high ones. */
+static inline void q4k_six_bit(const uint8_t *b, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = b[j] & 63; mn[j] = b[j + 4] & 63;
+        sc[j + 4] = (b[j + 8] & 15) | ((b[j] >> 6) << 4);
+        mn[j + 4] = (b[j + 8] >> 4) | ((b[j + 4] >> 6) << 4);
+    }
+}
+
 static inline __attribute__((always_inline)) void q4k_rows(
         const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *row, int rows, float *out) {
-    int64_t supers = K / 256, blocks = K / 32;
+    int64_t supers = K / 256, runs = K / 32;
+    for (int r = 0; r < rows; r++) out[r] = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[ROW_TILE], mins[ROW_TILE];
-    for (int r = 0; r < rows; r++) acc[r] = mins[r] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    __m256 acc[ROW_TILE], macc[ROW_TILE];
+    for (int r = 0; r < rows; r++) acc[r] = macc[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f);
+#endif
     for (int64_t sb = 0; sb < supers; sb++) {
         const uint8_t *blk = row + sb * 144;
         float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
-        uint32_t u[3], six[4]; /* the 8 six-bit scales, then the 8 mins, one a byte */
-        memcpy(u, blk + 4, 12);
-        six[0] = u[0] & 0x3f3f3f3f;
-        six[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
-        six[2] = u[1] & 0x3f3f3f3f;
-        six[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
-        __m256 sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)six))));
-        __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(six + 2)))));
-        __m256 f[ROW_TILE]; /* per row, each run's d * scale * (x's scale) */
-        for (int r = 0; r < rows; r++) {
-            f[r] = _mm256_mul_ps(sc, _mm256_loadu_ps(xd + r * blocks + sb * 8));
-            mins[r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xs + r * blocks + sb * 8), mins[r]);
-        }
+        uint8_t sc[8], mn[8];
+        q4k_six_bit(blk + 4, sc, mn);
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256 mins = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)mn))));
+        for (int r = 0; r < rows; r++) /* the mins' part, subtracted at the end */
+            macc[r] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(xs + r * runs + sb * 8), macc[r]);
+        __m256i isum[ROW_TILE];
+        for (int r = 0; r < rows; r++) isum[r] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * i));
             __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-            __m256i i0 = _mm256_set1_epi32(2 * i), i1 = _mm256_set1_epi32(2 * i + 1);
+            __m256i s0 = _mm256_set1_epi16(sc[2 * i]), s1 = _mm256_set1_epi16(sc[2 * i + 1]);
             for (int r = 0; r < rows; r++) {
-                const int8_t *x0 = xq + r * K + (sb * 8 + 2 * i) * 32;
-                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x0)), ones);
-                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x0 + 32))), ones);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(f[r], i0), acc[r]);
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(f[r], i1), acc[r]);
+                const int8_t *x0 = xq + r * K + sb * 256 + 64 * i;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x0)), s0);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x0 + 32))), s1);
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(p0, p1));
             }
         }
-    }
-    for (int r = 0; r < rows; r++) out[r] = hsum(acc[r]) - hsum(mins[r]);
+        for (int r = 0; r < rows; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * xd[r * supers + sb]), acc[r]);
 #else
-    for (int r = 0; r < rows; r++) out[r] = 0.0f;
-    for (int64_t sb = 0; sb < supers; sb++) {
-        const uint8_t *blk = row + sb * 144;
-        float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
-        float sc[8], mn[8];
-        for (int j = 0; j < 4; j++) {
-            sc[j] = blk[4 + j] & 63; mn[j] = blk[8 + j] & 63;
-            sc[j + 4] = (blk[12 + j] & 15) | ((blk[4 + j] >> 6) << 4);
-            mn[j + 4] = (blk[12 + j] >> 4) | ((blk[8 + j] >> 6) << 4);
+        for (int r = 0; r < rows; r++) {
+            const float *sums = xs + r * runs + sb * 8;
+            float t = 0.0f;
+            for (int j = 0; j < 8; j++) t += mn[j] * sums[j];
+            out[r] -= dmin * t;
         }
-        for (int i = 0; i < 4; i++) {
-            int64_t b0 = sb * 8 + 2 * i;
-            const uint8_t *q = blk + 16 + 32 * i;
-            for (int r = 0; r < rows; r++) {
-                const int8_t *x0 = xq + r * K + b0 * 32;
+        for (int r = 0; r < rows; r++) {
+            int total = 0;
+            for (int i = 0; i < 4; i++) {
+                const uint8_t *q = blk + 16 + 32 * i;
+                const int8_t *x0 = xq + r * K + sb * 256 + 64 * i;
                 int s0 = 0, s1 = 0;
                 for (int j = 0; j < 32; j++) { s0 += (q[j] & 15) * x0[j]; s1 += (q[j] >> 4) * x0[32 + j]; }
-                out[r] += d * (sc[2 * i] * s0 * xd[r * blocks + b0] + sc[2 * i + 1] * s1 * xd[r * blocks + b0 + 1])
-                          - dmin * (mn[2 * i] * xs[r * blocks + b0] + mn[2 * i + 1] * xs[r * blocks + b0 + 1]);
+                total += sc[2 * i] * s0 + sc[2 * i + 1] * s1;
             }
+            out[r] += d * xd[r * supers + sb] * total;
         }
+#endif
     }
+#if defined(__AVX2__) && defined(__FMA__)
+    for (int r = 0; r < rows; r++) out[r] += hsum(acc[r]) - hsum(macc[r]);
 #endif
 }
 
-/* Q6_K: w = d * sc[16-group] * (q - 32), q 0..63 from 4 low bits (ql) and 2 high bits (qh); each half
- * of 128 weights: runs 0 and 1 in the low nibbles of ql's two 32-byte rows, runs 2 and 3 in their high
- * nibbles, the high bits of run k at bits 2k of qh's 32 bytes. */
+/* Q6_K: w = d * sc[16-group] * (q - 32), q 0..63 from 4 low bits (ql) and 2 high bits (qh), sc int8;
+ * each half of 128 weights: runs 0 and 1 in the low nibbles of ql's two 32-byte rows, runs 2 and 3 in
+ * their high nibbles, the high bits of run k at bits 2k of qh's 32 bytes. */
 static inline __attribute__((always_inline)) void q6k_rows(
         const int8_t *xq, const float *xd, int64_t K, const uint8_t *row, int rows, float *out) {
-    int64_t supers = K / 256, blocks = K / 32;
+    int64_t supers = K / 256;
     for (int r = 0; r < rows; r++) out[r] = 0.0f;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc[ROW_TILE];
     for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32),
-                  ones = _mm256_set1_epi16(1);
+    const __m256i low = _mm256_set1_epi8(0x0f), two = _mm256_set1_epi8(3), bias = _mm256_set1_epi8(32);
 #endif
     for (int64_t sb = 0; sb < supers; sb++) {
         const uint8_t *blk = row + sb * 210;
         const int8_t *sc = (const int8_t *)(blk + 192);
         float d = half_to_float(*(const uint16_t *)(blk + 208));
+#if defined(__AVX2__) && defined(__FMA__)
+        __m256i isum[ROW_TILE];
+        for (int r = 0; r < rows; r++) isum[r] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
-#if defined(__AVX2__) && defined(__FMA__)
             __m256i l0 = _mm256_loadu_si256((const __m256i *)ql), l1 = _mm256_loadu_si256((const __m256i *)(ql + 32));
             __m256i hb = _mm256_loadu_si256((const __m256i *)qh);
             __m256i q[4] = {
@@ -295,33 +304,34 @@ static inline __attribute__((always_inline)) void q6k_rows(
             for (int k = 0; k < 4; k++) {
                 __m256i w = _mm256_sub_epi8(q[k], bias), wa = _mm256_sign_epi8(w, w);
                 int j = 8 * h + 2 * k; /* the run's two 16-groups */
-                __m256 ws = _mm256_set_m128(_mm_set1_ps(d * sc[j + 1]), _mm_set1_ps(d * sc[j]));
-                int64_t b = sb * 8 + 4 * h + k;
+                __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1]), _mm_set1_epi16(sc[j]));
                 for (int r = 0; r < rows; r++) {
-                    __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + r * K + b * 32)), w);
-                    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(wa, xv), ones);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(ws, _mm256_set1_ps(xd[r * blocks + b])), acc[r]);
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + r * K + sb * 256 + 128 * h + 32 * k));
+                    __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xv, w));
+                    isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(p, scale));
                 }
             }
+        }
+        for (int r = 0; r < rows; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * xd[r * supers + sb]), acc[r]);
 #else
-            for (int k = 0; k < 4; k++) {
-                int64_t b = sb * 8 + 4 * h + k;
-                for (int r = 0; r < rows; r++) {
-                    const int8_t *x0 = xq + r * K + b * 32;
-                    for (int half = 0; half < 2; half++) {
-                        int s = 0;
-                        for (int l = 16 * half; l < 16 * half + 16; l++) {
-                            int lowbits = k % 2 == 0 ? ql[l] : ql[32 + l];
-                            lowbits = k < 2 ? lowbits & 15 : lowbits >> 4;
-                            int q = lowbits | (((qh[l] >> (2 * k)) & 3) << 4);
-                            s += (q - 32) * x0[l];
-                        }
-                        out[r] += d * sc[8 * h + 2 * k + half] * s * xd[r * blocks + b];
+        for (int r = 0; r < rows; r++) {
+            int total = 0;
+            for (int h = 0; h < 2; h++) {
+                const uint8_t *ql = blk + 64 * h, *qh = blk + 128 + 32 * h;
+                for (int k = 0; k < 4; k++) {
+                    const int8_t *x0 = xq + r * K + sb * 256 + 128 * h + 32 * k;
+                    for (int l = 0; l < 32; l++) {
+                        int lowbits = k % 2 == 0 ? ql[l] : ql[32 + l];
+                        lowbits = k < 2 ? lowbits & 15 : lowbits >> 4;
+                        int q = lowbits | (((qh[l] >> (2 * k)) & 3) << 4);
+                        total += sc[8 * h + 2 * k + l / 16] * (q - 32) * x0[l];
                     }
                 }
             }
-#endif
+            out[r] += d * xd[r * supers + sb] * total;
         }
+#endif
     }
 #if defined(__AVX2__) && defined(__FMA__)
     for (int r = 0; r < rows; r++) out[r] += hsum(acc[r]);
@@ -334,15 +344,15 @@ void kquant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *blocks, 
                    int threads) {
     int64_t row_bytes = K / 256 * (format == 0 ? 144 : 210);
     int8_t *xq = malloc(M * K);
-    float *xd = malloc(M * (K / 32) * sizeof(float)), *xs = malloc(M * (K / 32) * sizeof(float));
-    quantize_rows(x, M, K, 32, xq, xd, xs);
+    float *xd = malloc(M * (K / 256) * sizeof(float)), *xs = malloc(M * (K / 32) * sizeof(float));
+    quantize_rows(x, M, K, 256, 32, xq, xd, xs);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = blocks + n * row_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
             int rows = M - m0 < ROW_TILE ? (int)(M - m0) : ROW_TILE;
             const int8_t *q = xq + m0 * K;
-            const float *d = xd + m0 * (K / 32), *sums = xs + m0 * (K / 32);
+            const float *d = xd + m0 * (K / 256), *sums = xs + m0 * (K / 32);
             float out[ROW_TILE];
 #define KQ_ROWS(R) (format == 0 ? q4k_rows(q, d, sums, K, row, R, out) : q6k_rows(q, d, K, row, R, out))
             switch (rows) { /* a constant row count for each copy */
