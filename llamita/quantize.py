@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from llamita import kernels
 from llamita.errors import LlamitaError
+from llamita.formats import blocks
 from llamita.model import Llama
 
 KINDS = ("auto", "none", "int4", "int8", "float16")
@@ -66,9 +67,7 @@ class QuantizedWeight:
         """The plain layout of the same values (GGUF blocks decoded to codes, scales and offsets)."""
         if not self.blocks:
             return self
-        from llamita.formats.gguf import decode_blocks  # the format's reader knows its blocks
-
-        return decode_blocks(self.codes, self.blocks)
+        return QuantizedWeight(*blocks.decode(self.codes, self.blocks))
 
     def unpacked_codes(self) -> Tensor:
         """The codes one a weight, [N, K] (uint8 for 4 bits, int8 for 8)."""
