@@ -89,8 +89,9 @@ def test_quant_linear_is_a_matmul_of_its_weights(bits, group, offsets, rows, pat
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
 def test_kernel_reads_k_quant_blocks_as_stored(qtype, rows):
     """Q4_K and Q6_K blocks (valid ones, as in tests/helpers.py) held as stored: the kernel gives the
-    product of gguf's dequantized weights with x rounded to int8 per block of 256 (llama.cpp's Q8_K:
-    scale = absmax / 127); the PyTorch path, x times gguf's weights."""
+    product of gguf's dequantized weights with x rounded to int8, scale = absmax / 127, per block of
+    256 (llama.cpp's Q8_K; Q4_K with one to three rows: of 32); the PyTorch path, x times gguf's
+    weights."""
     import numpy as np
 
     from helpers import _valid_blocks
@@ -100,7 +101,8 @@ def test_kernel_reads_k_quant_blocks_as_stored(qtype, rows):
     assert kernels.available() and layer.blocks == qtype and layer.codes.shape == raw.shape  # no copy in another form
     w = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])).float()
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))
-    blocks = x.view(rows, 2, 256)
+    block = 32 if qtype == "Q4_K" and rows < 4 else 256
+    blocks = x.view(rows, 512 // block, block)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
     as_q8_k = ((blocks / scale).round() * scale).view(rows, 512)
     ref = as_q8_k @ w.T

@@ -272,6 +272,67 @@ static inline __attribute__((always_inline)) void q4k_rows(
 #endif
 }
 
+/* Q4_K with x in int8 blocks of 32: each run's sum scaled as a float. For one to three rows (decoding),
+ * where it is faster than the integer sums below, which need fewer operations only per extra row. */
+static inline __attribute__((always_inline)) void q4k_rows_by32(
+        const int8_t *xq, const float *xd, const float *xs, int64_t K, const uint8_t *row, int rows, float *out) {
+    int64_t supers = K / 256, blocks = K / 32;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[ROW_TILE], mins[ROW_TILE];
+    for (int r = 0; r < rows; r++) acc[r] = mins[r] = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int64_t sb = 0; sb < supers; sb++) {
+        const uint8_t *blk = row + sb * 144;
+        float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
+        uint32_t u[3], six[4]; /* the 8 six-bit scales, then the 8 mins, one a byte */
+        memcpy(u, blk + 4, 12);
+        six[0] = u[0] & 0x3f3f3f3f;
+        six[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+        six[2] = u[1] & 0x3f3f3f3f;
+        six[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+        __m256 sc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)six))));
+        __m256 mn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(six + 2)))));
+        __m256 f[ROW_TILE]; /* per row, each run's d * scale * (x's scale) */
+        for (int r = 0; r < rows; r++) {
+            f[r] = _mm256_mul_ps(sc, _mm256_loadu_ps(xd + r * blocks + sb * 8));
+            mins[r] = _mm256_fmadd_ps(mn, _mm256_loadu_ps(xs + r * blocks + sb * 8), mins[r]);
+        }
+        for (int i = 0; i < 4; i++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(blk + 16 + 32 * i));
+            __m256i w0 = _mm256_and_si256(v, low), w1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            __m256i i0 = _mm256_set1_epi32(2 * i), i1 = _mm256_set1_epi32(2 * i + 1);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *x0 = xq + r * K + (sb * 8 + 2 * i) * 32;
+                __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(w0, _mm256_loadu_si256((const __m256i *)x0)), ones);
+                __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(w1, _mm256_loadu_si256((const __m256i *)(x0 + 32))), ones);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(f[r], i0), acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(f[r], i1), acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) out[r] = hsum(acc[r]) - hsum(mins[r]);
+#else
+    for (int r = 0; r < rows; r++) out[r] = 0.0f;
+    for (int64_t sb = 0; sb < supers; sb++) {
+        const uint8_t *blk = row + sb * 144;
+        float d = half_to_float(*(const uint16_t *)blk), dmin = half_to_float(*(const uint16_t *)(blk + 2));
+        uint8_t sc[8], mn[8];
+        q4k_six_bit(blk + 4, sc, mn);
+        for (int i = 0; i < 4; i++) {
+            int64_t b0 = sb * 8 + 2 * i;
+            const uint8_t *q = blk + 16 + 32 * i;
+            for (int r = 0; r < rows; r++) {
+                const int8_t *x0 = xq + r * K + b0 * 32;
+                int s0 = 0, s1 = 0;
+                for (int j = 0; j < 32; j++) { s0 += (q[j] & 15) * x0[j]; s1 += (q[j] >> 4) * x0[32 + j]; }
+                out[r] += d * (sc[2 * i] * s0 * xd[r * blocks + b0] + sc[2 * i + 1] * s1 * xd[r * blocks + b0 + 1])
+                          - dmin * (mn[2 * i] * xs[r * blocks + b0] + mn[2 * i + 1] * xs[r * blocks + b0 + 1]);
+            }
+        }
+    }
+#endif
+}
+
 /* Q6_K: w = d * sc[16-group] * (q - 32), q 0..63 from 4 low bits (ql) and 2 high bits (qh), sc int8;
  * each half of 128 weights: runs 0 and 1 in the low nibbles of ql's two 32-byte rows, runs 2 and 3 in
  * their high nibbles, the high bits of run k at bits 2k of qh's 32 bytes. */
@@ -342,19 +403,20 @@ static inline __attribute__((always_inline)) void q6k_rows(
  * 1 is Q6_K. */
 void kquant_matmul(const float *x, int64_t M, int64_t K, const uint8_t *blocks, int format, int64_t N, float *y,
                    int threads) {
-    int64_t row_bytes = K / 256 * (format == 0 ? 144 : 210);
+    int64_t row_bytes = K / 256 * (format == 0 ? 144 : 210), block = format == 0 && M < 4 ? 32 : 256;
     int8_t *xq = malloc(M * K);
-    float *xd = malloc(M * (K / 256) * sizeof(float)), *xs = malloc(M * (K / 32) * sizeof(float));
-    quantize_rows(x, M, K, 256, 32, xq, xd, xs);
+    float *xd = malloc(M * (K / 32) * sizeof(float)), *xs = malloc(M * (K / 32) * sizeof(float));
+    quantize_rows(x, M, K, block, 32, xq, xd, xs);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = blocks + n * row_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
             int rows = M - m0 < ROW_TILE ? (int)(M - m0) : ROW_TILE;
             const int8_t *q = xq + m0 * K;
-            const float *d = xd + m0 * (K / 256), *sums = xs + m0 * (K / 32);
+            const float *d = xd + m0 * (K / block), *sums = xs + m0 * (K / 32);
             float out[ROW_TILE];
-#define KQ_ROWS(R) (format == 0 ? q4k_rows(q, d, sums, K, row, R, out) : q6k_rows(q, d, K, row, R, out))
+#define KQ_ROWS(R) (format == 1 ? q6k_rows(q, d, K, row, R, out) : block == 32 ? q4k_rows_by32(q, d, sums, K, row, R, out) \
+                                                                  : q4k_rows(q, d, sums, K, row, R, out))
             switch (rows) { /* a constant row count for each copy */
                 case 1: KQ_ROWS(1); break;
                 case 2: KQ_ROWS(2); break;
