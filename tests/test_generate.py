@@ -165,15 +165,16 @@ def test_bad_sampling_options():
 
 @pytest.mark.slow
 def test_cli_generate(default_llm):
-    out = run_cli("generate", "The capital of France is", "--temperature", "0", "--max-new-tokens", "12")
+    out = run_cli("generate", "The capital of France is", "--quantize", "none", "--temperature", "0",
+                  "--max-new-tokens", "12")  # float32, as default_llm
     assert out.returncode == 0, out.stderr
     assert out.stdout == default_llm.generate("The capital of France is", temperature=0, max_new_tokens=12) + "\n"
 
 
 @pytest.mark.slow
 def test_cli_chat_piped(default_llm):
-    out = run_cli("chat", "--temperature", "0", "--max-new-tokens", "16", "--system", "You are brief.",
-                  stdin="What is the capital of France?\nAnd of Spain?\n")
+    out = run_cli("chat", "--quantize", "none", "--temperature", "0", "--max-new-tokens", "16",
+                  "--system", "You are brief.", stdin="What is the capital of France?\nAnd of Spain?\n")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     system = {"role": "system", "content": "You are brief."}

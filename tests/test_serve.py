@@ -49,7 +49,9 @@ def running_server(*options: str) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "llamita", "serve", "--port", str(port), *options],
+        # float32 weights (--quantize none), as the in-process default_llm the replies are compared with
+        proc = subprocess.Popen([sys.executable, "-m", "llamita", "serve", "--port", str(port), "--quantize", "none",
+                                 *options],
                                 stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:
