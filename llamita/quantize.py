@@ -1,20 +1,19 @@
 """Weight-only quantized layers for inference: smaller linear layers, read faster.
 
-Decoding one token reads every weight once, so its speed is the bytes read per token. A quantized
-weight is held as integer codes with a float16 scale, and optionally an offset, per group of
-``group_size`` weights along the input dim: ``w = code * scale + offset``.
+Decoding one token reads every weight once, so its speed is the bytes read per token. A
+``QuantizedWeight`` holds a matrix in one of two forms:
 
-- 4 bits (codes 0..15, two a byte; groups of 32 or more, affine): GGUF's Q4_0, Q4_1 and Q4_K blocks
-  map onto it exactly, and ``quantize="int4"`` quantizes float weights to it (min/max per group,
-  as Q4_1 does).
-- 8 bits (signed codes; groups of 16 or 32, offsets optional): Q5_0, Q5_1, Q5_K, Q6_K and Q8_0
-  map onto it exactly; ``quantize="int8"`` quantizes float weights to it (absmax per group of 32,
-  as Q8_0 does).
+- integer codes with a float16 scale, and optionally an offset, per group along the input dim
+  (``w = code * scale + offset``): 4 bits (two a byte; Q4_0 and Q4_1 as stored, or float weights by
+  min/max per group of 32, as Q4_1) or 8 bits (Q5_0, Q5_1, Q5_K and Q8_0 hold their exact values;
+  float weights by absmax per group of 32, as Q8_0);
+- GGUF's own Q4_K and Q6_K blocks, byte for byte, as compact as llama.cpp reads them.
 
-On CPU, a few rows (decoding) go through the compiled kernel (``llamita.kernels``), which reads the
-codes at memory speed; many rows (a prompt) dequantize a chunk of weights at a time and use the
-float32 GEMM, which is bound by arithmetic, not by reading. CUDA's int4 runs on torch's tinygemm
-kernel. ``Float16Linear`` (fbgemm's float16 GEMM) is the fastest for batches on CPU.
+``QuantLinear`` runs either on CPU through the compiled kernel (``llamita.kernels``: int8
+activations, integer products, as llama.cpp); a prompt of many rows dequantizes a chunk of weights
+at a time into the float32 GEMM instead (codes only: decoding blocks in PyTorch costs more than the
+kernel). CUDA's 4-bit layers run on torch's tinygemm kernel. ``Float16Linear`` (fbgemm's float16
+GEMM) is the fastest for batches on CPU.
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ from llamita.formats import blocks
 from llamita.model import Llama
 
 KINDS = ("auto", "none", "int4", "int8", "float16")
-BLOCK_BYTES = {"Q4_K": 144, "Q6_K": 210}  # GGUF blocks the CPU kernel reads as stored (256 weights each)
+# GGUF blocks the CPU kernel reads as stored (256 weights each): bytes a block, bits a weight's code
+BLOCKS = {"Q4_K": (144, 4), "Q6_K": (210, 6)}
 
 
 @dataclass
@@ -55,7 +55,7 @@ class QuantizedWeight:
     @property
     def shape(self) -> torch.Size:
         if self.blocks:
-            return torch.Size((self.codes.shape[0], self.codes.shape[1] // BLOCK_BYTES[self.blocks] * 256))
+            return torch.Size((self.codes.shape[0], self.codes.shape[1] // BLOCKS[self.blocks][0] * 256))
         return torch.Size((self.codes.shape[0], self.scales.shape[1] * self.group_size))
 
     def map_rows(self, fn: Callable[[Tensor], Tensor]) -> "QuantizedWeight":
@@ -315,8 +315,7 @@ def quantized_layer(weight: Tensor | QuantizedWeight | list[QuantizedWeight], qu
     plain float weight. A stored layout is kept where it has no more bits than asked for (GGUF's Q4_*
     under int4 or int8), so its codes come back exactly; anything else is quantized from float values."""
     if isinstance(weight, list):  # parts stored in different layouts (``cat_rows``)
-        return ConcatLinear([quantized_layer(part, "auto" if quantize == "none" else quantize, group_size)
-                             for part in weight])
+        return ConcatLinear([quantized_layer(part, quantize, group_size) for part in weight])
     stored = isinstance(weight, QuantizedWeight)
     if quantize == "none":
         return None
@@ -356,19 +355,14 @@ def finish(model: Llama, quantize: str, group_size: int = 32) -> Llama:
     return model
 
 
-def replace_linears(model: Llama, make: Callable[[str, nn.Linear], nn.Module]) -> None:
-    """Replace each block's linear layers, in place, with ``make(name, linear)``."""
-    for name, module in list(model.layers.named_modules(prefix="layers")):
-        if isinstance(module, nn.Linear):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, make(name, module))
-
-
 def quantize(model: Llama, kind: str, group_size: int = 32) -> Llama:
     """Quantize a loaded float model in place (e.g. after an adapter is merged into it); loading with
     ``load_model(..., quantize=kind)`` does the same layer by layer, never holding the float model."""
     check_kind(kind, model.norm.weight.device)
     if kind in ("auto", "none"):
         return model
-    replace_linears(model, lambda name, linear: quantized_layer(linear.weight, kind, group_size))
+    for name, module in list(model.layers.named_modules(prefix="layers")):
+        if isinstance(module, nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, quantized_layer(module.weight, kind, group_size))
     return finish(model, kind, group_size)

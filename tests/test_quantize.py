@@ -20,6 +20,7 @@ from llamita.generate import cache_size_for, compile_decoding, decode_step
 from llamita.llm import LLM
 from llamita.model import Llama
 from llamita.quantize import (
+    BLOCKS,
     DEQUANTIZE_FROM_ROWS,
     Float16Linear,
     QuantizedWeight,
@@ -97,7 +98,7 @@ def test_kernel_reads_k_quant_blocks_as_stored(qtype, rows):
     from helpers import _valid_blocks
 
     raw = _valid_blocks(np.random.default_rng(0), gguf.GGMLQuantizationType[qtype], (40, 512))
-    layer = QuantLinear(QuantizedWeight(torch.from_numpy(raw), None, None, 4, 256, blocks=qtype))
+    layer = QuantLinear(QuantizedWeight(torch.from_numpy(raw), None, None, BLOCKS[qtype][1], 256, blocks=qtype))
     assert kernels.available() and layer.blocks == qtype and layer.codes.shape == raw.shape  # no copy in another form
     w = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])).float()
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows))

@@ -19,9 +19,7 @@ from llamita.config import config_from_gguf
 from llamita.errors import LlamitaError
 from llamita.formats import blocks
 from llamita.formats.checkpoint import Checkpoint
-from llamita.quantize import BLOCK_BYTES, QuantizedWeight
-
-Q = gguf.GGMLQuantizationType
+from llamita.quantize import BLOCKS, QuantizedWeight
 
 
 class _Reader(gguf.GGUFReader):
@@ -36,7 +34,7 @@ class _Reader(gguf.GGUFReader):
             _, name, _, dims, raw_type, offset = field.parts
             name = bytes(name).decode("utf-8", "replace")
             try:
-                qtype = Q(int(raw_type[0]))
+                qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
             except ValueError:
                 raise LlamitaError(f"{self.path}: tensor {name} has unknown type number {int(raw_type[0])}") from None
             block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -127,14 +125,13 @@ def to_gguf_name(name: str) -> str:
     return f"{_GGUF_TOP[module]}.{suffix}"
 
 
-def quantized_weight(t: gguf.ReaderTensor, where: Path) -> QuantizedWeight:
+def quantized_weight(t: gguf.ReaderTensor) -> QuantizedWeight:
     """One quantized tensor [out, in]: Q4_K and Q6_K as their blocks (the CPU kernel reads them as
     stored), the other types decoded to the plain layout."""
     N = int(np.prod(t.shape[1:]))
     raw = torch.from_numpy(np.array(t.data)).view(N, -1)
-    if t.tensor_type.name in BLOCK_BYTES:
-        bits = {"Q4_K": 4, "Q6_K": 6}[t.tensor_type.name]
-        return QuantizedWeight(raw, None, None, bits, 256, blocks=t.tensor_type.name)
+    if t.tensor_type.name in BLOCKS:
+        return QuantizedWeight(raw, None, None, BLOCKS[t.tensor_type.name][1], 256, blocks=t.tensor_type.name)
     return QuantizedWeight(*blocks.decode(raw, t.tensor_type.name))
 
 
@@ -153,7 +150,7 @@ def to_torch(t: gguf.ReaderTensor, where: Path) -> Tensor | QuantizedWeight:
     layer runs them as stored (``blocks.DECODERS``), other quantized types (Q2_K, Q3_K, IQ*) dequantized by
     the gguf package to float32, one tensor at a time."""
     if t.tensor_type.name in blocks.DECODERS:
-        return quantized_weight(t, where)
+        return quantized_weight(t)
     shape = [int(s) for s in reversed(t.shape)]
     if t.tensor_type.name not in _PLAIN:
         try:
