@@ -146,9 +146,9 @@ def group_quantize(w: Tensor, group_size: int = 32, bits: int = 4, rows: int = 1
     return QuantizedWeight(pack_int4(codes.reshape(N, K)), scales, lo, 4, group_size)
 
 
-# Rows (tokens) from which a CPU layer dequantizes its weights and calls the float32 GEMM instead of
-# the kernel: measured on a 4096x4096 layer (AVX2, 2 threads), the kernel runs at 40-49 GMAC/s for
-# any row count, MKL's GEMM over dequantized weights at 5 (16 rows) to 45-55 GMAC/s (512 rows).
+# Rows (tokens) from which a CPU layer dequantizes its weights into the float32 GEMM instead of using
+# the kernel: the kernel's integer products keep their rate at any row count, the GEMM pays for
+# dequantizing the whole layer and catches up only at a few hundred rows (bench/kernel.py).
 DEQUANTIZE_FROM_ROWS = 384
 DEQUANTIZE_CHUNK = 1536  # output features dequantized and multiplied at once
 

@@ -44,12 +44,15 @@ class _Reader(gguf.GGUFReader):
                                    f"not whole blocks of {block} ({qtype.name})")
             spans.append((start_offs + int(offset[0]), elems // block * size, name, qtype, dims))
         spans.sort()
-        ends = [start for start, *_ in spans[1:]] + [len(self.data)]
+        ends = [min(start, len(self.data)) for start, *_ in spans[1:]] + [len(self.data)]
         for (start, nbytes, name, qtype, dims), end in zip(spans, ends):
             if start + nbytes > end:
+                what = f"{self.path}: tensor {name} ({qtype.name}, shape {tuple(int(d) for d in dims)}) needs {nbytes}"
+                if start >= len(self.data):
+                    raise LlamitaError(f"{what} bytes at offset {start}, past the end of the file ({len(self.data)} "
+                                       "bytes): truncated or corrupt file")
                 where = "the file ends" if end == len(self.data) else "the next tensor starts"
-                raise LlamitaError(f"{self.path}: tensor {name} ({qtype.name}, shape {tuple(int(d) for d in dims)}) "
-                                   f"needs {nbytes} bytes at offset {start}, but {where} {end - start} bytes after "
+                raise LlamitaError(f"{what} bytes at offset {start}, but {where} {end - start} bytes after "
                                    "(truncated or corrupt file)")
         super()._build_tensors(start_offs, fields)
 
