@@ -169,6 +169,36 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"llamita: wrote {out}", file=sys.stderr)
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import importlib
+
+    from llamita.eval import evaluate
+
+    module = importlib.import_module(f"llamita.eval.{args.task}")
+    result = evaluate(args.task, args.data, load_llm(args), **options_of(args, module.Options))
+    print(result.markdown())
+    if args.json:
+        result.save(args.json)
+        print(f"llamita: wrote {args.json}", file=sys.stderr)
+
+
+def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    from llamita.eval import TASKS
+
+    p = sub.add_parser("eval", help="perplexity, multiple-choice benchmarks, QA and language adherence")
+    tasks = p.add_subparsers(dest="task", required=True)
+    for task in TASKS:
+        module = importlib.import_module(f"llamita.eval.{task}")
+        t = tasks.add_parser(task, help=module.__doc__.splitlines()[0])
+        t.add_argument("data", nargs="+" if task == "perplexity" else None, help=module.DATA_HELP)
+        add_model_args(t)
+        add_options(t, module.Options)
+        t.add_argument("--json", default=None, metavar="OUT", help="write every number and its settings to OUT")
+        t.set_defaults(func=cmd_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamita", description="Run, chat with and fine-tune Llama 2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     add_options(p, EngineConfig)
     p.set_defaults(func=cmd_serve)
+
+    add_eval_parsers(sub)
     return parser
 
 
