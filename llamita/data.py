@@ -69,7 +69,7 @@ def read_records(source: str | Path) -> list[tuple[str, Any]]:
         records = [(f"{path}: record {i}", r) for i, r in enumerate(data)]
     else:
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may sit inside a string
             if line.strip():
                 try:
                     records.append((f"{path}:{n}", json.loads(line)))

@@ -4,12 +4,15 @@ of perplexity, multiple choice and the server's ``echo`` log-probabilities.
 An item is a context and one or more continuations of it. The continuations are packed after
 their shared context in one row, each placed at the positions right after the context and
 attending to the context and to itself only (a tree mask), so a question with four answers runs
-its question once. Logits are computed only where a continuation token is predicted.
+its question once. A continuation's last token is never fed (nothing is predicted from it), and
+logits are computed only where a continuation token is predicted. So a context and continuation
+fit when together they are at most one token longer than the context window, as in lm-eval.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -25,7 +28,13 @@ class Item:
 
     @property
     def length(self) -> int:
-        return len(self.context) + sum(map(len, self.continuations))
+        """Tokens fed to the model."""
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
+    @property
+    def predicted(self) -> int:
+        """Positions whose logits are needed."""
+        return 1 + sum(len(c) - 1 for c in self.continuations)
 
 
 @dataclass
@@ -47,9 +56,13 @@ def token_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return logp.gather(-1, targets[:, None])[:, 0], logits.argmax(-1) == targets
 
 
+LOGITS_BUDGET = 1 << 28  # floats of logits per forward pass (1 GiB): long windows x big vocabularies
+
+
 def score(model: Llama, items: list[Item], batch_size: int = 8, desc: str | None = None) -> list[list[Scored]]:
     """Per item, per continuation: its tokens' log-probabilities given the context (and the
-    continuation's earlier tokens). Items run longest first, ``batch_size`` per forward pass."""
+    continuation's earlier tokens). Items run longest first, up to ``batch_size`` per forward
+    pass, fewer where their logits would pass ``LOGITS_BUDGET``; ``desc``: a progress bar."""
     for it in items:
         if not it.context or not all(it.continuations):
             raise ValueError("an item needs a context token and non-empty continuations")
@@ -57,12 +70,24 @@ def score(model: Llama, items: list[Item], batch_size: int = 8, desc: str | None
     results: list[list[Scored]] = [[] for _ in items]
     device = model.norm.weight.device
     with torch.inference_mode(), tqdm(total=len(items), desc=desc, disable=desc is None, unit="item") as bar:
-        for start in range(0, len(order), batch_size):
-            batch = [items[i] for i in order[start: start + batch_size]]
-            for i, scored in zip(order[start: start + batch_size], _score_batch(model, batch, device)):
+        for batch in _batches(order, items, batch_size, model.config.vocab_size):
+            for i, scored in zip(batch, _score_batch(model, [items[i] for i in batch], device)):
                 results[i] = scored
             bar.update(len(batch))
     return results
+
+
+def _batches(order: list[int], items: list[Item], batch_size: int, vocab: int) -> Iterator[list[int]]:
+    """Consecutive runs of ``order``: up to ``batch_size`` items whose logits fit the budget."""
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or
+                      sum(items[j].predicted for j in batch + [i]) * vocab > LOGITS_BUDGET):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[list[Scored]]:
@@ -75,7 +100,7 @@ def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[
     targets: list[list[Tensor]] = []  # per item, per continuation
     for b, it in enumerate(batch):
         c = len(it.context)
-        row = it.context + [t for cont in it.continuations for t in cont]
+        row = it.context + [t for cont in it.continuations for t in cont[:-1]]
         ids[b, : len(row)] = torch.tensor(row)
         positions[b, :c] = torch.arange(c)
         keep[b, c - 1] = True  # predicts every continuation's first token
@@ -83,9 +108,9 @@ def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[
             mask[b, 0, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
         at = c
         for cont in it.continuations:
-            n = len(cont)
+            n = len(cont) - 1  # fed: all but the last
             positions[b, at: at + n] = torch.arange(c, c + n)
-            keep[b, at: at + n - 1] = True
+            keep[b, at: at + n] = True
             if mask is not None:
                 mask[b, 0, at: at + n, :c] = True
                 mask[b, 0, at: at + n, at: at + n] = torch.ones(n, n, dtype=torch.bool).tril()
@@ -97,7 +122,7 @@ def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[
     logits = model(ids.to(device), positions.to(device), mask=None if mask is None else mask.to(device),
                    logits_at=keep.to(device)).float().cpu()
     out, row_start = [], 0
-    for b, it in enumerate(batch):
+    for b in range(len(batch)):
         n_kept = int(keep[b].sum())
         rows = logits[row_start: row_start + n_kept]  # the context's last, then each continuation's but last
         row_start += n_kept
