@@ -235,3 +235,23 @@ def losses(out: Path) -> list[float]:
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llamita", *args], input=stdin, capture_output=True, text=True,
                           timeout=300)
+
+
+# --- generative evaluations ------------------------------------------------------------------------------
+
+
+class ScriptedLLM:
+    """Stands in for ``LLM`` in ``eval qa`` / ``eval lang``: each reply is ``reply(last user message)``,
+    and every ``chat_batch`` call's size and sampling options are recorded; a token is a word."""
+
+    template = "chatml"
+
+    def __init__(self, reply):
+        from types import SimpleNamespace
+
+        self.reply, self.calls = reply, []
+        self.tokenizer = SimpleNamespace(encode=str.split)
+
+    def chat_batch(self, conversations, **sampling):
+        self.calls.append((len(conversations), sampling))
+        return [self.reply(c[-1]["content"]) for c in conversations]
