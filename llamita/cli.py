@@ -175,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from llamita.eval import evaluate
 
     module = importlib.import_module(f"llamita.eval.{args.task}")
-    result = evaluate(args.task, args.data, load_llm(args), **options_of(args, module.Options))
+    result = evaluate(args.task, args.data, lambda: load_llm(args), **options_of(args, module.Options))
     print(result.markdown())
     if args.json:
         result.save(args.json)

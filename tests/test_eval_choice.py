@@ -166,7 +166,7 @@ def test_bad_records_name_file_line_and_field(tmp_path, record, message):
 def test_context_longer_than_the_window(tmp_path, default_llm, monkeypatch):
     monkeypatch.setattr(default_llm.model.config, "max_seq_len", 32)
     data = write_jsonl(tmp_path / "d.jsonl", [{"context": "word " * 40, "choices": [" a", " b c"], "answer": 0}])
-    with pytest.raises(LlamitaError, match=r"d.jsonl:1: the prompt and choice 0 take \\d+ tokens; the context window "
+    with pytest.raises(LlamitaError, match=r"d.jsonl:1: the prompt and choice 0 take \d+ tokens; the context window "
                                            r"is 32 \(--truncate drops the prompt's start\)"):
         evaluate("choice", data, default_llm)
     kept = evaluate("choice", data, default_llm, truncate=True)  # lm-eval's left truncation: 33 tokens fed

@@ -31,6 +31,8 @@ from typing import Any
 
 from llamita.data import read_records
 from llamita.errors import LlamitaError
+from llamita.eval import loaded
+from llamita.eval.generation import first
 from llamita.eval.report import Common, Result, Timer
 from llamita.eval.score import Item, score
 from llamita.options import option
@@ -254,10 +256,11 @@ def fewshot_prefix(q: Question, pool: list[Question], shots: int, rnd: random.Ra
 
 def run(llm, data: str | Path, **options) -> Result:
     o = Options(**options)
-    questions = read_questions(data, o.format)[: o.limit]
+    questions = first(read_questions(data, o.format), o.limit)
     pool = read_questions(o.fewshot_file, o.format) if o.fewshot_file else questions
     if o.shots and len(pool) <= o.shots:
         raise LlamitaError(f"--shots {o.shots}: the few-shot source has only {len(pool)} questions")
+    llm = loaded(llm)
     rnd, tok, window = random.Random(o.seed), llm.tokenizer, llm.model.config.max_seq_len
     timer = Timer()
     items, owners = [], []  # owners: (question index, choice indices) per item

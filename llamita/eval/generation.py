@@ -17,8 +17,6 @@ T = TypeVar("T")
 
 def first(items: list[T], limit: int | None) -> list[T]:
     """The first ``limit`` items (all when None): ``--limit`` of every task."""
-    if limit is not None and limit < 1:
-        raise LlamitaError(f"--limit must be at least 1, not {limit}")
     return items if limit is None else items[:limit]
 
 
@@ -27,8 +25,6 @@ def replies(llm: Any, conversations: Sequence[list[Message]], wheres: Sequence[s
     """The assistant's reply to each conversation, ``batch_size`` at a time through
     ``llm.chat_batch``; a progress bar on stderr counts the items. A prompt the model cannot take
     (longer than its context) is reported with its record's ``where``."""
-    if batch_size < 1:
-        raise LlamitaError(f"--batch-size must be at least 1, not {batch_size}")
     out: list[str] = []
     with tqdm(total=len(conversations), desc=desc, unit="item") as bar:
         for start in range(0, len(conversations), batch_size):

@@ -28,6 +28,7 @@ from typing import Any
 from llamita.chat import Message
 from llamita.data import _string, read_records, to_messages
 from llamita.errors import LlamitaError
+from llamita.eval import loaded
 from llamita.eval.generation import first, generated_tokens, replies, settings
 from llamita.eval.report import Common, Result, Timer
 from llamita.options import option
@@ -134,6 +135,7 @@ def run(llm: Any, data: str | Path, **options: Any) -> Result:
         raise LlamitaError(f"--lang {opts.lang!r}: not a language py3langid knows "
                            f"(known: {', '.join(sorted(known_languages()))})")
     prompts = first(read_prompts(data), opts.limit)
+    llm = loaded(llm)
     timer = Timer()
     texts = replies(llm, [m for _, m in prompts], [w for w, _ in prompts], opts.batch_size, "lang",
                     max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, seed=opts.seed)

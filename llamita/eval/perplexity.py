@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llamita.errors import LlamitaError
+from llamita.eval import loaded
+from llamita.eval.generation import first
 from llamita.eval.report import Common, Result, Timer
 from llamita.eval.score import Item, score
 from llamita.options import option
@@ -89,6 +91,8 @@ def windows(ids: list[int], mode: str, ctx: int, stride: int, bos: int | None) -
 def run(llm, data: str | Path | list[str | Path], **options) -> Result:
     o = Options(**options)
     files = [data] if isinstance(data, (str, Path)) else list(data)
+    text = read_text(files)
+    llm = loaded(llm)
     window_limit = llm.model.config.max_seq_len
     ctx = o.ctx or min(DEFAULT_CTX[o.mode], window_limit)
     stride = o.stride or ctx // 2
@@ -98,10 +102,10 @@ def run(llm, data: str | Path | list[str | Path], **options) -> Result:
         raise LlamitaError(f"--stride {stride}: must be between 1 and --ctx ({ctx})")
     tok: Tokenizer = llm.tokenizer
     timer = Timer()
-    ids = tok.encode(read_text(files), bos=tok.add_bos)
+    ids = tok.encode(text, bos=tok.add_bos)
     if len(ids) < ctx:
         raise LlamitaError(f"{', '.join(map(str, files))}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
-    wins = windows(ids, o.mode, ctx, stride, tok.bos_id if tok.add_bos else None)[: o.limit]
+    wins = first(windows(ids, o.mode, ctx, stride, tok.bos_id if tok.add_bos else None), o.limit)
     items = [Item(w.ids[: w.first], [w.ids[w.first:]]) for w in wins]
     scored = [s[0] for s in score(llm.model, items, o.batch_size, desc=f"perplexity ({o.mode})")]
     nll = [-s.total for s in scored]

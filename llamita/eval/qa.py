@@ -29,6 +29,7 @@ from typing import Any
 from llamita.chat import Message
 from llamita.data import _string, read_records
 from llamita.errors import LlamitaError
+from llamita.eval import loaded
 from llamita.eval.generation import first, generated_tokens, replies, settings
 from llamita.eval.report import Common, Result, Timer
 from llamita.options import option
@@ -200,6 +201,7 @@ def run(llm: Any, data: str | Path, **options: Any) -> Result:
     opts = Options(**options)
     _check_lang(opts.lang)
     questions = first(read_questions(data), opts.limit)
+    llm = loaded(llm)
     timer = Timer()
     texts = replies(llm, [prompt(q.question, q.context) for q in questions], [q.where for q in questions],
                     opts.batch_size, "qa", max_new_tokens=opts.max_new_tokens, temperature=0.0, seed=opts.seed)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llamita.errors import LlamitaError
 from llamita.files import atomic_write
 from llamita.options import option
 
@@ -20,6 +21,11 @@ class Common:
     limit: int | None = option(None, "evaluate the first N items (documents, questions, prompts) only")
     batch_size: int = option(8, "sequences scored or generated together")
     seed: int = option(1234, "few-shot sampling and generation seed")
+
+    def __post_init__(self) -> None:
+        for name, value in (("--limit", self.limit), ("--batch-size", self.batch_size)):
+            if value is not None and value < 1:
+                raise LlamitaError(f"{name} must be at least 1, not {value}")
 
 
 @dataclass
