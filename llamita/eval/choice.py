@@ -258,7 +258,7 @@ def run(llm, data: str | Path, **options) -> Result:
     o = Options(**options)
     questions = first(read_questions(data, o.format), o.limit)
     pool = read_questions(o.fewshot_file, o.format) if o.fewshot_file else questions
-    if o.shots and len(pool) <= o.shots:
+    if o.shots and len(pool) < o.shots + (o.fewshot_file is None):  # the question itself is not an example
         raise LlamitaError(f"--shots {o.shots}: the few-shot source has only {len(pool)} questions")
     llm = loaded(llm)
     rnd, tok, window = random.Random(o.seed), llm.tokenizer, llm.model.config.max_seq_len
