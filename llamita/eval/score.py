@@ -1,5 +1,6 @@
 """Log-likelihoods of continuations, many sequences per forward pass: the one scoring primitive
-of perplexity, multiple choice and the server's ``echo`` log-probabilities.
+of perplexity and multiple choice. Its log-softmax gather, ``token_logprobs``, is the one the
+server's ``logprobs`` use too (``llamita/logprobs.py``).
 
 An item is a context and one or more continuations of it. The continuations are packed after
 their shared context in one row, each placed at the positions right after the context and
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from llamita.logprobs import token_logprobs
 from llamita.model import Llama
 
 
@@ -38,13 +40,6 @@ class Scored:
     @property
     def total(self) -> float:
         return float(self.logprobs.sum())
-
-
-def token_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(target) at each row of ``logits`` [N, vocab] (float32 softmax whatever the model's
-    dtype), and whether the target is the row's argmax."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets[:, None])[:, 0], logits.argmax(-1) == targets
 
 
 def score(model: Llama, items: list[Item], batch_size: int = 8, desc: str | None = None) -> list[list[Scored]]:
@@ -97,7 +92,7 @@ def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[
     logits = model(ids.to(device), positions.to(device), mask=None if mask is None else mask.to(device),
                    logits_at=keep.to(device)).float().cpu()
     out, row_start = [], 0
-    for b, it in enumerate(batch):
+    for b in range(len(batch)):
         n_kept = int(keep[b].sum())
         rows = logits[row_start: row_start + n_kept]  # the context's last, then each continuation's but last
         row_start += n_kept
@@ -106,7 +101,7 @@ def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[
             n = len(target)
             cont_rows = torch.cat([rows[:1], rows[at: at + n - 1]])
             at += n - 1
-            logp, top = token_logprobs(cont_rows, target)
-            scored.append(Scored(logp.double(), bool(top.all())))
+            logp = token_logprobs(cont_rows, target)
+            scored.append(Scored(logp.logprobs.double(), bool(logp.greedy.all())))
         out.append(scored)
     return out
