@@ -47,12 +47,13 @@ class KVCache:
     def device(self) -> torch.device:
         return self.row_ids.device
 
-    def reuse(self, prompt: list[int], rows: list[int]) -> tuple[int, int]:
+    def reuse(self, prompt: list[int], rows: list[int], share: bool = True) -> tuple[int, int]:
         """The row among ``rows`` whose cache holds the longest start of ``prompt``, and how many
         tokens of it (all but the last at most: that one must run to give logits); failing that,
-        an empty row, then the lowest (so that a decoded slice of rows stays short)."""
+        or with ``share`` False (a prompt that must run whole), an empty row, then the lowest (so
+        that a decoded slice of rows stays short)."""
         best, n = min(rows, key=lambda row: (bool(self.held[row]), row)), 0
-        for row in rows:
+        for row in rows if share else []:
             shared = common_prefix(prompt, self.held[row])
             if shared > n:
                 best, n = row, shared

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from llamita.cache import KVCache, causal_mask
+from llamita.logprobs import Logprobs
 from llamita.model import Llama
 from llamita.sampling import SamplingParams, sample
 from llamita.tokenizer import StreamDecoder, Tokenizer
@@ -61,6 +62,8 @@ class Request:
     tokenizer: Tokenizer
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" (EOS, end of turn or stop string) or "length"
+    logprobs: Logprobs | None = None  # the log-probabilities to collect, if asked for
+    prompt_only: bool = False  # run the prompt and generate nothing (to score it): params.max_new_tokens unused
 
     def __post_init__(self) -> None:
         self.generator = self.params.generator()
@@ -79,12 +82,30 @@ class Request:
         sampled was never fed)."""
         return self.prompt_ids + self.output_ids[:-1]
 
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether it needs the logits at every prompt position (so it runs its prompt from position 0)."""
+        return self.logprobs is not None and self.logprobs.prompt
+
+    def step(self, logits: Tensor, max_seq_len: int) -> str:
+        """Pick the next token from ``logits`` [vocab] and take it (``accept``); a prompt-only
+        request finishes instead."""
+        if self.prompt_only:
+            self.finish_reason = "length"
+            return ""
+        return self.accept(self.next_token(logits), max_seq_len)
+
     def next_token(self, logits: Tensor) -> int:
+        """A token sampled from ``logits`` [vocab], its log-probability recorded if asked for
+        (before ``accept``, so that a stop token has its entry too)."""
         if self.params.repetition_penalty != 1.0 and self.seen is None:
             # Sized by the model's vocabulary, which may exceed the tokenizer's (padded embeddings).
             self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
             self.seen[torch.tensor(self.prompt_ids + self.output_ids, dtype=torch.long)] = True
-        return sample(logits.cpu(), self.params, self.generator, self.seen)
+        token = sample(logits.cpu(), self.params, self.generator, self.seen)
+        if self.logprobs is not None:
+            self.logprobs.add(logits[None], [token])
+        return token
 
     def accept(self, token: int, max_seq_len: int) -> str:
         """Take a sampled token; return the new text (possibly empty) and set finish_reason when done."""
@@ -109,19 +130,22 @@ class Request:
 def prefill(model: Llama, cache: KVCache, requests: list[Request], rows: Tensor | None = None,
             cached: list[int] | None = None) -> Tensor:
     """Run the prompts (right-padded together) into ``cache`` (its first rows, or ``rows``);
-    logits [n, vocab] at each one's end.
+    logits [n, vocab] at each one's end. A request that scores its prompt gets the logits at its
+    other positions too (``Request.scores_prompt``).
 
     ``cached``: per request, how many of its first prompt tokens its cache row already holds (a
     prefix it shares with an earlier request there): only the rest is run, from that position.
     """
     cached = cached or [0] * len(requests)
+    if any(r.scores_prompt and n for r, n in zip(requests, cached)):
+        raise ValueError("a request that scores its prompt must run it from position 0")
     rests = [r.prompt_ids[n:] for r, n in zip(requests, cached)]
     T = max(map(len, rests))
     ids = torch.zeros(len(requests), T, dtype=torch.long)
-    last = torch.zeros(len(requests), T, dtype=torch.bool)
-    for i, rest in enumerate(rests):
+    keep = torch.zeros(len(requests), T, dtype=torch.bool)  # where logits are needed
+    for i, (r, rest) in enumerate(zip(requests, rests)):
         ids[i, : len(rest)] = torch.tensor(rest)
-        last[i, len(rest) - 1] = True
+        keep[i, 0 if r.scores_prompt else len(rest) - 1: len(rest)] = True
     # Padding past the cache's end writes (to be overwritten) in its last slot.
     positions = (torch.tensor(cached)[:, None] + torch.arange(T)).clamp(max=cache.slots - 1).to(cache.device)
     length = min(max(cached) + T, cache.slots)
@@ -131,7 +155,20 @@ def prefill(model: Llama, cache: KVCache, requests: list[Request], rows: Tensor 
         kv = cache.sequence_step(positions[0], length)
     else:
         kv = cache.step(positions, length, rows)
-    return model(ids.to(cache.device), positions, mask=mask, kv=kv, logits_at=last.to(cache.device))
+    logits = model(ids.to(cache.device), positions, mask=mask, kv=kv, logits_at=keep.to(cache.device))
+    return score_prompts(requests, keep.sum(1).tolist(), logits)
+
+
+def score_prompts(requests: list[Request], kept: list[int], logits: Tensor) -> Tensor:
+    """Hand each request that scores its prompt the logits of its prompt positions (``kept`` rows of
+    ``logits`` each, in order); the logits [n, vocab] at each one's end."""
+    if not any(r.scores_prompt for r in requests):
+        return logits
+    ends = torch.tensor(kept).cumsum(0) - 1
+    for r, end, n in zip(requests, ends.tolist(), kept):
+        if r.scores_prompt:
+            r.logprobs.add_prompt(logits[end + 1 - n: end], r.prompt_ids)
+    return logits[ends.to(logits.device)]
 
 
 def decode_step(model: Llama, cache: KVCache, tokens: list[int], positions: list[int],
@@ -187,7 +224,7 @@ def complete(model: Llama, cache: KVCache, requests: list[Request], forward: Cal
         while True:
             for i, r in enumerate(requests):
                 if r.finish_reason is None:
-                    text = r.accept(r.next_token(logits[i]), max_seq_len)
+                    text = r.step(logits[i], max_seq_len)
                     if text:
                         yield i, text
             if all(r.finish_reason for r in requests):

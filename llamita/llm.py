@@ -13,6 +13,7 @@ from llamita.errors import LlamitaError
 from llamita.formats import detect, hf, load_model, model_from_checkpoint, read_checkpoint
 from llamita.formats.gguf import stored_kind
 from llamita.generate import Request, cache_size_for, compile_decoding, complete, generate
+from llamita.logprobs import Logprobs
 from llamita.model import Llama
 from llamita.peft import adapter_template, load_adapter
 from llamita.quantize import check_kind
@@ -69,8 +70,10 @@ class LLM:
         return cls(model, load_tokenizer(source), template, compile)
 
     # -- requests ------------------------------------------------------------------------------
-    def request(self, prompt_ids: list[int], *, truncate: bool = False, **options) -> Request:
-        """A Request for ``prompt_ids``; options are SamplingParams fields."""
+    def request(self, prompt_ids: list[int], *, truncate: bool = False, logprobs: Logprobs | None = None,
+                prompt_only: bool = False, **options) -> Request:
+        """A Request for ``prompt_ids``; options are SamplingParams fields. ``logprobs``: what to
+        collect of its tokens' log-probabilities; ``prompt_only``: generate nothing (to score the prompt)."""
         params = SamplingParams(**options)
         limit = self.model.config.max_seq_len - 1  # room for at least one new token
         if len(prompt_ids) > limit:
@@ -81,7 +84,7 @@ class LLM:
             prompt_ids = prompt_ids[-limit:]
         if not prompt_ids:
             raise LlamitaError("empty prompt: give some text (or a model that adds BOS)")
-        return Request(prompt_ids, params, self.stop_ids, self.tokenizer)
+        return Request(prompt_ids, params, self.stop_ids, self.tokenizer, logprobs=logprobs, prompt_only=prompt_only)
 
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)

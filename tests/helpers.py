@@ -1,4 +1,4 @@
-"""Builders shared by the test modules: tiny checkpoints in each format, training data, the CLI.
+"""Builders shared by the test modules: tiny checkpoints in each format, training data, the CLI, the server.
 
 Test modules import these (``from helpers import ...``); conftest.py holds only fixtures, and no
 test module imports another. Every builder is seeded: the same call writes the same bytes.
@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
+import httpx
 import torch
 
 from llamita import assets
@@ -255,3 +261,56 @@ class ScriptedLLM:
     def chat_batch(self, conversations, **sampling):
         self.calls.append((len(conversations), sampling))
         return [self.reply(c[-1]["content"]) for c in conversations]
+
+
+# --- the server ------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll(condition: Callable[[], bool], what: str, tries: int = 600, every: float = 0.1) -> None:
+    """Bounded polling (at most tries * every seconds), failing with ``what``."""
+    for _ in range(tries):
+        if condition():
+            return
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def running_server(*options: str) -> Iterator[str]:
+    """``llamita serve`` on a free loopback port; its base URL once /health answers."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile("w+") as log:
+        # float32 weights (--quantize none), as the in-process default_llm the replies are compared with
+        proc = subprocess.Popen([sys.executable, "-m", "llamita", "serve", "--port", str(port), "--quantize", "none",
+                                 *options],
+                                stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{_read(log)}"
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        try:
+            poll(ready, "the server's /health", tries=1200)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _read(log) -> str:
+    log.seek(0)
+    return log.read()[-4000:]

@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx  # a missing test dependency fails the module loudly: no skips
 import openai
 import pytest
+
+from helpers import poll, running_server
 
 pytestmark = pytest.mark.slow  # every test here talks to a server in a subprocess
 
@@ -26,56 +23,6 @@ MODEL = "smollm2-135m-instruct"
 SEQ_LEN = 1024
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a request that runs until stopped
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poll(condition: Callable[[], bool], what: str, tries: int = 600, every: float = 0.1) -> None:
-    """Bounded polling (at most tries * every seconds), failing with ``what``."""
-    for _ in range(tries):
-        if condition():
-            return
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-@contextmanager
-def running_server(*options: str) -> Iterator[str]:
-    """``llamita serve`` on a free loopback port; its base URL once /health answers."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
-        # float32 weights (--quantize none), as the in-process default_llm the replies are compared with
-        proc = subprocess.Popen([sys.executable, "-m", "llamita", "serve", "--port", str(port), "--quantize", "none",
-                                 *options],
-                                stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{_read(log)}"
-            try:
-                return httpx.get(f"{url}/health").status_code == 200
-            except httpx.TransportError:
-                return False
-
-        try:
-            poll(ready, "the server's /health", tries=1200)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _read(log) -> str:
-    log.seek(0)
-    return log.read()[-4000:]
 
 
 @pytest.fixture(scope="module")

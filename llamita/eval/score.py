@@ -1,5 +1,6 @@
 """Log-likelihoods of continuations, many sequences per forward pass: the one scoring primitive
-of perplexity, multiple choice and the server's ``echo`` log-probabilities.
+of perplexity and multiple choice. Its log-softmax gather, ``token_logprobs``, is the one the
+server's ``logprobs`` use too (``llamita/logprobs.py``).
 
 An item is a context and one or more continuations of it. The continuations are packed after
 their shared context in one row, each placed at the positions right after the context and
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from llamita.logprobs import token_logprobs
 from llamita.model import Llama
 
 
@@ -47,13 +49,6 @@ class Scored:
     @property
     def total(self) -> float:
         return float(self.logprobs.sum())
-
-
-def token_logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """log p(target) at each row of ``logits`` [N, vocab] (float32 softmax whatever the model's
-    dtype), and whether the target is the row's argmax."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, targets[:, None])[:, 0], logits.argmax(-1) == targets
 
 
 LOGITS_BUDGET = 1 << 28  # floats of logits per forward pass (1 GiB): long windows x big vocabularies
@@ -131,7 +126,7 @@ def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[
             n = len(target)
             cont_rows = torch.cat([rows[:1], rows[at: at + n - 1]])
             at += n - 1
-            logp, top = token_logprobs(cont_rows, target)
-            scored.append(Scored(logp.double(), bool(top.all())))
+            logp = token_logprobs(cont_rows, target)
+            scored.append(Scored(logp.logprobs.double(), bool(logp.greedy.all())))
         out.append(scored)
     return out

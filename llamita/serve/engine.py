@@ -4,7 +4,8 @@ One background thread owns the model. Each turn of its loop admits waiting reque
 cache rows (one prefill for all of them), then runs a single ``decode_step`` for every running
 request at once, each at its own position. A row keeps what its last request left in the cache,
 so a request that starts the same way (a chat's next turn, a shared system prompt) goes to that
-row and runs only the rest of its prompt. A request that arrives mid-generation joins the batch
+row and runs only the rest of its prompt (unless it scores its prompt, ``echo`` with ``logprobs``,
+which needs the logits at every position). A request that arrives mid-generation joins the batch
 at the next turn; one that finishes or is cancelled frees its row at the next turn. The pieces it
 drives are ``generate``'s own (``prefill``, ``decode_step``, ``Request``), over a ``KVCache`` it
 owns: the engine only schedules.
@@ -226,8 +227,9 @@ class Engine:
             free = [row for row, job in enumerate(self.rows) if job is None]
             longest = 0
             while self.waiting and free:
-                row, n = self.cache.reuse(self.waiting[0].request.prompt_ids, free)
-                longest = max(longest, len(self.waiting[0].request.prompt_ids) - n)
+                request = self.waiting[0].request
+                row, n = self.cache.reuse(request.prompt_ids, free, share=not request.scores_prompt)
+                longest = max(longest, len(request.prompt_ids) - n)
                 if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
                     break
                 free.remove(row)
@@ -268,8 +270,8 @@ class Engine:
         logits = logits.float().cpu()
         for i, (row, job) in enumerate(jobs):
             r = job.request
-            text = r.accept(r.next_token(logits[i]), self.max_seq_len)
-            self.metrics.generated_tokens += 1
+            text = r.step(logits[i], self.max_seq_len)
+            self.metrics.generated_tokens += not r.prompt_only
             if text or r.finish_reason:
                 job.stream.push(Event(job.index, text, r.finish_reason))
             if r.finish_reason:

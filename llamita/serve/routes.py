@@ -2,7 +2,8 @@
 
 Handlers validate the body, turn it into ``Request``s (``LLM.request``, ``LLM.encode_chat``), hand
 them to the app's engine (``app.state``) and shape what comes back as OpenAI does, whole or as
-server-sent events.
+server-sent events. /v1/completions also takes token ids and answers OpenAI's legacy ``logprobs``
+and ``echo``, as lm-evaluation-harness's ``local-completions`` model sends and reads them.
 """
 
 from __future__ import annotations
@@ -11,19 +12,24 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Annotated, Any, AsyncIterator, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, AsyncIterator, Literal, Union
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.types import Receive, Scope, Send
 
 from llamita.errors import LlamitaError
 from llamita.generate import Request
+from llamita.llm import LLM
+from llamita.logprobs import Entry, Logprobs
 from llamita.serve.engine import EngineStopped, QueueFull, Stream
+from llamita.tokenizer import Tokenizer
 
 MAX_N = 8  # choices per request: each takes a cache row of its own
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI allows 5, vLLM 20)
 
 
 class ApiError(Exception):
@@ -97,8 +103,31 @@ class ChatBody(OpenAIBody):
         return self
 
 
+def prompt_form(value: Any) -> str:
+    """Which of OpenAI's prompt forms a body holds, told by its first element, so that an error
+    names the element at fault. The tags are pydantic's own names for union branches, which
+    error paths leave out (``app._UNION_TAG``)."""
+    first = value[0] if isinstance(value, list) and value else None
+    if isinstance(first, str):
+        return "list[str]"
+    if isinstance(first, list):
+        return "list[list[int]]"
+    return "list[int]" if isinstance(value, list) else "str"
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # below the vocabulary: checked later
+Prompt = Annotated[Union[Annotated[str, Tag("str")],
+                         Annotated[list[str], Field(min_length=1, max_length=MAX_N), Tag("list[str]")],
+                         Annotated[TokenIds, Tag("list[int]")],
+                         Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_N), Tag("list[list[int]]")]],
+                   Discriminator(prompt_form)]
+
+
 class CompletionBody(OpenAIBody):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_N)]
+    prompt: Prompt
+    max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone, to score it (with echo and logprobs)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
 
 class PredictBody(Sampling):
@@ -106,18 +135,69 @@ class PredictBody(Sampling):
 
 
 # -- answers ------------------------------------------------------------------------------------
+def token_texts(tokenizer: Tokenizer, before: int | None, tokens: list[int]) -> list[str]:
+    """Each token's text where it stands, after ``before`` (decoded alone, a SentencePiece piece
+    would lose its leading space)."""
+    if before is None:
+        return [tokenizer.decode([t]) for t in tokens]
+    head = len(tokenizer.decode([before]))
+    return [tokenizer.decode([before, t])[head:] for t in tokens]
+
+
+def legacy_logprobs(tokenizer: Tokenizer, entries: list[Entry], before: int | None, offset: int) -> dict[str, list]:
+    """OpenAI's legacy ``logprobs`` object: each token's text, its log-probability, the most likely
+    tokens there ({text: logprob}, best first, the token itself added as OpenAI's "logprobs + 1";
+    a text two tokens share keeps the higher) and where its text starts (from ``offset``)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        alternatives = (e.top or []) + [(e.token, e.logprob)]
+        *texts, text = token_texts(tokenizer, before, [t for t, _ in alternatives])
+        top: dict[str, float] = {}
+        for key, (_, logprob) in zip(texts + [text], alternatives):
+            top.setdefault(key, logprob)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(e.logprob)
+        out["top_logprobs"].append(None if e.top is None else top)
+        out["text_offset"].append(offset)
+        offset, before = offset + len(text), e.token
+    return out
+
+
+@dataclass
+class Scoring:
+    """What a text completion adds to its choices: the prompt's text in front (``echo``) and the
+    ``logprobs`` object, over the prompt's tokens too with ``echo`` (text offsets count from the
+    prompt's start either way, as OpenAI's do)."""
+
+    tokenizer: Tokenizer
+    prompts: list[str]  # each choice's prompt, as text
+    echo: bool
+
+    def text(self, index: int, text: str) -> str:
+        return self.prompts[index] + text if self.echo else text
+
+    def logprobs(self, index: int, request: Request) -> dict[str, list] | None:
+        if request.logprobs is None:
+            return None
+        before, offset = (None, 0) if self.echo else (request.prompt_ids[-1], len(self.prompts[index]))
+        return legacy_logprobs(self.tokenizer, request.logprobs.entries, before, offset)
+
+
 class Shape:
     """What differs between chat and text completions, whole and streamed."""
 
-    def __init__(self, chat: bool, model: str):
-        self.chat = chat
+    def __init__(self, chat: bool, model: str, scoring: Scoring | None = None):
+        self.chat, self.scoring = chat, scoring
         self.head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                      "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                      "model": model}
 
-    def choice(self, index: int, text: str, finish: str | None) -> dict[str, Any]:
+    def choice(self, index: int, text: str, finish: str | None, request: Request) -> dict[str, Any]:
+        logprobs = None
+        if self.scoring is not None:
+            text, logprobs = self.scoring.text(index, text), self.scoring.logprobs(index, request)
         body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-        return {"index": index, **body, "logprobs": None, "finish_reason": finish}
+        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish}
 
     def delta(self, index: int, text: str, finish: str | None = None, role: bool = False) -> dict[str, Any]:
         """A streamed choice: the opening role (chat), a piece of text, or the finish (no text)."""
@@ -203,8 +283,10 @@ class EventStream(StreamingResponse):
 
 # -- requests for the engine ------------------------------------------------------------------------
 def requests_for(http: HttpRequest, prompts: list[list[int]], body: Sampling, n: int,
-                 default_max_tokens: int | None, param: str) -> list[Request]:
-    """``n`` Requests per prompt, checked against the context window (seeds seed, seed+1, ...)."""
+                 default_max_tokens: int | None, param: str, logprobs: int | None = None,
+                 echo: bool = False) -> list[Request]:
+    """``n`` Requests per prompt, checked against the context window (seeds seed, seed+1, ...);
+    ``logprobs``: alternatives per token to report, over the prompt too with ``echo``."""
     llm, window = http.app.state.llm, http.app.state.engine.max_seq_len
     requests = []
     for ids in prompts:
@@ -217,11 +299,14 @@ def requests_for(http: HttpRequest, prompts: list[list[int]], body: Sampling, n:
             raise ApiError(400, f"max_tokens is {max_tokens}, but the prompt's {len(ids)} tokens leave room "
                            f"for {room} in the context window of {window}",
                            param="max_tokens", code="context_length_exceeded")
-        max_tokens = max_tokens or min(default_max_tokens or room, room)
+        if max_tokens is None:
+            max_tokens = min(default_max_tokens or room, room)
         for j in range(n):
             try:
                 requests.append(llm.request(
-                    ids, max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                    ids, logprobs=None if logprobs is None else Logprobs(logprobs, prompt=echo),
+                    prompt_only=max_tokens == 0, max_new_tokens=max(max_tokens, 1),
+                    temperature=body.temperature, top_p=body.top_p,
                     top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=body.stop or [],
                     seed=None if body.seed is None else body.seed + j))
             except LlamitaError as e:
@@ -239,10 +324,8 @@ def submit(http: HttpRequest, requests: list[Request]) -> Stream:
         raise ApiError(503, str(e), type="server_error", code="unavailable") from None
 
 
-async def answer(http: HttpRequest, body: OpenAIBody, chat: bool, prompts: list[list[int]],
-                 default_max_tokens: int | None, param: str) -> Response:
-    shape = Shape(chat, http.app.state.model_name)
-    requests = requests_for(http, prompts, body, body.n, default_max_tokens, param)
+async def answer(http: HttpRequest, body: OpenAIBody, shape: Shape, prompts: list[list[int]],
+                 requests: list[Request]) -> Response:
     stream = submit(http, requests)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -250,7 +333,7 @@ async def answer(http: HttpRequest, body: OpenAIBody, chat: bool, prompts: list[
     results = await collect(stream, http)
     if results is None:
         return Response(status_code=499)  # nobody is there to read it
-    choices = [shape.choice(i, text, finish) for i, (text, finish) in enumerate(results)]
+    choices = [shape.choice(i, text, finish, r) for i, ((text, finish), r) in enumerate(zip(results, requests))]
     return JSONResponse({**shape.head, "choices": choices, "usage": usage(prompts, requests)})
 
 
@@ -283,14 +366,40 @@ async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
         prompt = http.app.state.llm.encode_chat([m.as_dict() for m in body.messages])
     except LlamitaError as e:
         raise ApiError(400, str(e), param="messages") from None
-    return await answer(http, body, True, [prompt], None, "messages")
+    requests = requests_for(http, [prompt], body, body.n, None, "messages")
+    return await answer(http, body, Shape(True, http.app.state.model_name), [prompt], requests)
+
+
+def completion_prompts(llm: LLM, prompt: str | list[str] | list[int] | list[list[int]]
+                       ) -> tuple[list[str], list[list[int]]]:
+    """Each prompt as text (as given, or decoded) and as token ids (encoded, or as given: checked
+    against the vocabulary, since an id past it would fail inside the model)."""
+    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+    vocab = min(llm.tokenizer.vocab_size, llm.model.config.vocab_size)
+    texts, ids = [], []
+    for p in prompts:
+        if isinstance(p, str):
+            texts.append(p)
+            ids.append(llm.encode(p))
+            continue
+        if max(p) >= vocab:
+            raise ApiError(400, f"token id {max(p)} is out of range: the vocabulary has {vocab} tokens (ids 0 to "
+                           f"{vocab - 1})", param="prompt", code="invalid_value")
+        texts.append(llm.tokenizer.decode(p))
+        ids.append(p)
+    return texts, ids
 
 
 @router.post("/v1/completions")
 async def completions(http: HttpRequest, body: CompletionBody) -> Response:
+    if body.stream and (body.echo or body.logprobs is not None):
+        raise ApiError(400, f"{'echo' if body.echo else 'logprobs'} is answered whole, not streamed: ask without "
+                       "stream", param="echo" if body.echo else "logprobs", code="invalid_value")
     llm = http.app.state.llm
-    prompts = [llm.encode(p) for p in ([body.prompt] if isinstance(body.prompt, str) else body.prompt)]
-    return await answer(http, body, False, prompts, 16, "prompt")  # 16: OpenAI's default
+    texts, prompts = completion_prompts(llm, body.prompt)
+    requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo)  # 16: OpenAI's
+    scoring = Scoring(llm.tokenizer, [t for t in texts for _ in range(body.n)], body.echo)
+    return await answer(http, body, Shape(False, http.app.state.model_name, scoring), prompts, requests)
 
 
 @router.post("/predict")

@@ -1,0 +1,175 @@
+"""Evaluation speed and scores: ``llamita eval choice`` against lm-evaluation-harness's HF backend
+(transformers) on the same model, the same records and lm-eval's own task definitions, in one run.
+
+    python bench/eval.py                                   # ../shared/data/bench, the default model
+    python bench/eval.py --limit 200 --tasks arc_easy,piqa --batch-size 16
+    python bench/eval.py --data DIR --only llamita-fp32,lm-eval
+
+Rows: llamita with float32 weights (``--quantize none``: equal numbers to transformers' float32),
+llamita with the GGUF as stored (``--quantize auto``: the default), and lm-eval's HF backend
+with transformers' float32 load of the same GGUF. Each task runs once per row, the rows in turn;
+the table gives accuracy, seconds and tokens/s (tokens: what lm-eval feeds, context plus
+continuation per choice, so both rows divide the same count) and the largest difference of any
+choice's log-likelihood from lm-eval's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import cpu_ticks, machine, others_load  # noqa: E402  (the sibling bench's helpers)
+
+# task -> (file under --data, llamita --format, lm-eval task YAML to include, extra YAML)
+TASKS = {
+    "arc_easy": ("arc_easy_test.jsonl", "arc", "arc/arc_easy.yaml"),
+    "hellaswag": ("hellaswag_validation.jsonl", "hellaswag", "hellaswag/hellaswag.yaml"),
+    "piqa": ("piqa_validation.jsonl", "piqa", "piqa/piqa.yaml"),
+    "mmlu": ("mmlu_val.jsonl", "mmlu", None),  # every subject: one YAML of lm-eval's MMLU prompt
+    "xnli_es": ("xnli_es_dev.jsonl", "xnli", "xnli/xnli_es.yaml"),
+}
+ROWS = ["llamita-fp32", "llamita-auto", "lm-eval"]
+MMLU_TASK = """output_type: multiple_choice
+description: "The following are multiple choice questions (with answers) about {{subject.replace('_', ' ')}}.\\n\\n"
+doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n\\
+  D. {{choices[3]}}\\nAnswer:"
+doc_to_choice: ["A", "B", "C", "D"]
+doc_to_target: answer
+metric_list:
+  - metric: acc
+"""
+
+
+def subset(src: Path, out: Path, limit: int, fmt: str) -> Path:
+    """The first ``limit`` records, in the shape lm-eval's task reads."""
+    lines = [line for line in src.read_text(encoding="utf-8").split("\n") if line.strip()][:limit]
+    records = [json.loads(x) for x in lines]
+    if fmt == "arc":  # the HF dataset's shape, which lm-eval's YAML reads
+        records = [{"question": r["question"], "answerKey": "ABCDE"[r["answer"]],
+                    "choices": {"text": r["choices"], "label": list("ABCDE"[: len(r["choices"])])}} for r in records]
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+def task_yaml(directory: Path, task: str, data: Path) -> str:
+    _, fmt, include = TASKS[task]
+    import lm_eval
+
+    head = f"include: {Path(lm_eval.__file__).parent / 'tasks' / include}\n" if include else MMLU_TASK
+    if fmt == "hellaswag":  # the shared records hold lm-eval's processed query already
+        head += "process_docs: null\ndoc_to_text: '{{query}}'\ndoc_to_choice: '{{endings}}'\n"
+    (directory / f"b_{task}.yaml").write_text(
+        f"{head}task: b_{task}\ntag: null\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files: {{test: {data}}}\n"
+        "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n")
+    return f"b_{task}"
+
+
+def run_llamita(llm, data: Path, fmt: str, batch_size: int) -> tuple[dict, list[list[float]], float]:
+    from llamita.eval import evaluate
+
+    start = time.perf_counter()
+    result = evaluate("choice", data, llm, format=fmt, batch_size=batch_size)
+    return result.metrics, [q["loglikelihoods"] for q in result.details["questions"]], time.perf_counter() - start
+
+
+def run_lm_eval(lm, manager, task: str) -> tuple[dict, list[list[float]], float]:
+    import lm_eval
+
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True, verbosity="ERROR")
+    seconds = time.perf_counter() - start
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    metrics = {k.split(",")[0]: v for k, v in out["results"][task].items() if k.endswith(",none")}
+    return metrics, [[ll for ll, _ in s["filtered_resps"]] for s in samples], seconds
+
+
+def fed_tokens(llm, data: Path, fmt: str) -> int:
+    """What lm-eval feeds: context plus continuation, per choice."""
+    from llamita.eval.choice import encode_pair, read_questions
+
+    return sum(len(c) + len(x) for q in read_questions(data, fmt) for c, x in
+               (encode_pair(llm.tokenizer, *p) for p in q.pairs(q.description)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(Path(__file__).parents[2] / "shared" / "data" / "bench"))
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", default=",".join(ROWS))
+    parser.add_argument("--json", help="write the table's numbers here too")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    rows = args.only.split(",")
+
+    import tempfile
+
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from llamita import assets
+    from llamita.llm import LLM
+
+    gguf = assets.default_model_path()
+    engines = {}
+    if "llamita-fp32" in rows:
+        engines["llamita-fp32"] = LLM.load(gguf, quantize="none")
+    if "llamita-auto" in rows:
+        engines["llamita-auto"] = LLM.load(gguf, quantize="auto")
+    directory = Path(tempfile.mkdtemp(prefix="bench-eval-"))
+    if "lm-eval" in rows:
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                                  dtype=torch.float32).eval()
+        engines["lm-eval"] = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
+    any_llm = next(e for name, e in engines.items() if name != "lm-eval")
+    table, ticks, wall = [], cpu_ticks(), time.perf_counter()
+    for task in args.tasks.split(","):
+        file, fmt, _ = TASKS[task]
+        data = subset(Path(args.data) / file, directory / f"{task}.jsonl", args.limit, fmt)
+        manager = TaskManager(include_path=str(directory)) if "lm-eval" in engines else None
+        name = task_yaml(directory, task, data)
+        tokens = fed_tokens(any_llm, data, fmt)
+        results = {}
+        for row, engine in engines.items():
+            print(f"{task}: {row} ...", file=sys.stderr, flush=True)
+            results[row] = (run_lm_eval(engine, TaskManager(include_path=str(directory)), name) if row == "lm-eval"
+                            else run_llamita(engine, data, fmt, args.batch_size))
+        reference = results.get("lm-eval")
+        for row, (metrics, lls, seconds) in results.items():
+            diff = (max(abs(a - b) for x, y in zip(lls, reference[1]) for a, b in zip(x, y))
+                    if reference and row != "lm-eval" else None)
+            table.append({"task": task, "row": row, "n": len(lls), "acc": metrics["acc"],
+                          "acc_norm": metrics.get("acc_norm"), "seconds": round(seconds, 1),
+                          "tokens_per_second": round(tokens / seconds), "max_ll_diff": diff})
+        del manager
+    busy = others_load(ticks, time.perf_counter() - wall)
+    print(f"\n{machine()}; {datetime.date.today()}; others' CPU share during the runs: {busy:.0%}")
+    print(f"`python bench/eval.py --limit {args.limit} --batch-size {args.batch_size} --tasks {args.tasks}`\n")
+    print("| task | engine | n | acc | acc_norm | seconds | tokens/s | max \\|Δ log-likelihood\\| vs lm-eval |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        norm = "" if r["acc_norm"] is None else f"{r['acc_norm']:.4f}"
+        diff = "" if r["max_ll_diff"] is None else f"{r['max_ll_diff']:.1e}"
+        print(f"| {r['task']} | {r['row']} | {r['n']} | {r['acc']:.4f} | {norm} | {r['seconds']} | "
+              f"{r['tokens_per_second']} | {diff} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(table, indent=2))
+
+
+if __name__ == "__main__":
+    main()
