@@ -34,7 +34,7 @@ from llamita.errors import LlamitaError
 from llamita.eval import loaded
 from llamita.eval.generation import first
 from llamita.eval.report import Common, Result, Timer
-from llamita.eval.score import Item, score
+from llamita.eval.score import score
 from llamita.options import option
 from llamita.tokenizer import Tokenizer
 
@@ -222,10 +222,10 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
-def items_for(tok: Tokenizer, q: Question, prefix: str, window: int, truncate: bool) -> list[tuple[Item, list[int]]]:
-    """The question's choices as scorer items, those sharing a context in one item; with each
-    item, the indices of its choices."""
-    groups: dict[tuple[int, ...], tuple[Item, list[int]]] = {}
+def sequences_for(tok: Tokenizer, q: Question, prefix: str, window: int, truncate: bool) -> list[tuple[list[int], int]]:
+    """Per choice, its context and continuation tokens and where the continuation starts (the
+    scorer feeds a shared context once)."""
+    out = []
     for i, (context, continuation) in enumerate(q.pairs(prefix)):
         ctx, cont = encode_pair(tok, context, continuation)
         if not cont:
@@ -237,10 +237,8 @@ def items_for(tok: Tokenizer, q: Question, prefix: str, window: int, truncate: b
                                    f"context window is {window}" + ("" if truncate else
                                                                     " (--truncate drops the prompt's start)"))
             ctx = ctx[over:]
-        item, indices = groups.setdefault(tuple(ctx), (Item(ctx, []), []))
-        item.continuations.append(cont)
-        indices.append(i)
-    return list(groups.values())
+        out.append((ctx + cont, len(ctx)))
+    return out
 
 
 def fewshot_prefix(q: Question, pool: list[Question], shots: int, rnd: random.Random, same_file: bool) -> str:
@@ -263,25 +261,23 @@ def run(llm, data: str | Path, **options) -> Result:
     llm = loaded(llm)
     rnd, tok, window = random.Random(o.seed), llm.tokenizer, llm.model.config.max_seq_len
     timer = Timer()
-    items, owners = [], []  # owners: (question index, choice indices) per item
-    for n, q in enumerate(questions):
-        prefix = fewshot_prefix(q, pool, o.shots, rnd, o.fewshot_file is None)
-        for item, indices in items_for(tok, q, prefix, window, o.truncate):
-            items.append(item)
-            owners.append((n, indices))
-    scored = score(llm.model, items, o.batch_size, desc=f"choice ({o.format})")
-    lls = [[0.0] * len(q.choices) for q in questions]
-    greedy = [[False] * len(q.choices) for q in questions]
-    for (n, indices), results in zip(owners, scored):
-        for i, s in zip(indices, results):
-            lls[n][i], greedy[n][i] = s.total, s.greedy
+    sequences = [sequences_for(tok, q, fewshot_prefix(q, pool, o.shots, rnd, o.fewshot_file is None), window,
+                               o.truncate) for q in questions]
+    scored = iter(score(llm.model, [s for seqs in sequences for s in seqs], o.batch_size,
+                        desc=f"choice ({o.format})"))
+    lls, greedy = [], []
+    for seqs in sequences:
+        results = [next(scored) for _ in seqs]
+        lls.append([s.total for s in results])
+        greedy.append([s.greedy for s in results])
     metrics = _accuracies(questions, lls)
     per_question = [{"where": q.where, "answer": q.answer, "loglikelihoods": ll, "greedy": g}
                     for q, ll, g in zip(questions, lls, greedy)]
     settings = {"format": o.format, "shots": o.shots, "fewshot_file": o.fewshot_file, "seed": o.seed,
                 "data": str(data), "limit": o.limit, "batch_size": o.batch_size, "truncate": o.truncate}
     return Result("choice", metrics, settings,
-                  {**timer.details(sum(it.length for it in items)), "questions": per_question})
+                  {**timer.details(sum(len(ids) - 1 for seqs in sequences for ids, _ in seqs)),
+                   "questions": per_question})
 
 
 def _accuracies(questions: list[Question], lls: list[list[float]]) -> dict[str, float | int]:

@@ -29,7 +29,7 @@ from llamita.errors import LlamitaError
 from llamita.eval import loaded
 from llamita.eval.generation import first
 from llamita.eval.report import Common, Result, Timer
-from llamita.eval.score import Item, score
+from llamita.eval.score import score
 from llamita.options import option
 from llamita.tokenizer import Tokenizer
 
@@ -106,8 +106,7 @@ def run(llm, data: str | Path | list[str | Path], **options) -> Result:
     if len(ids) < ctx:
         raise LlamitaError(f"{', '.join(map(str, files))}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
     wins = first(windows(ids, o.mode, ctx, stride, tok.bos_id if tok.add_bos else None), o.limit)
-    items = [Item(w.ids[: w.first], [w.ids[w.first:]]) for w in wins]
-    scored = [s[0] for s in score(llm.model, items, o.batch_size, desc=f"perplexity ({o.mode})")]
+    scored = score(llm.model, [(w.ids, w.first) for w in wins], o.batch_size, desc=f"perplexity ({o.mode})")
     nll = [-s.total for s in scored]
     tokens = sum(len(s.logprobs) for s in scored)
     if o.mode == "gptq":

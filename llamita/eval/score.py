@@ -1,18 +1,19 @@
-"""Log-likelihoods of continuations, many sequences per forward pass: the one scoring primitive
-of perplexity and multiple choice. Its log-softmax gather, ``token_logprobs``, is the one the
+"""Log-likelihoods of token sequences, many per forward pass: the one scoring primitive of
+perplexity and multiple choice. Its log-softmax gather, ``token_logprobs``, is the one the
 server's ``logprobs`` use too (``llamita/logprobs.py``).
 
-An item is a context and one or more continuations of it. The continuations are packed after
-their shared context in one row, each placed at the positions right after the context and
-attending to the context and to itself only (a tree mask), so a question with four answers runs
-its question once. A continuation's last token is never fed (nothing is predicted from it), and
-logits are computed only where a continuation token is predicted. So a context and continuation
-fit when together they are at most one token longer than the context window, as in lm-eval.
+A sequence is scored from a given token on: each of those tokens' log-probability given all the
+tokens before it. Sequences that start alike (a question's answers after the question, questions
+after the same few-shot examples, answers sharing their first words) are packed into one row as a
+token tree: each token is fed once, at the position its depth gives it, attending to its
+ancestors only, so shared tokens are computed once. A sequence's last token is never fed (nothing
+is predicted from it), and logits are computed only where a scored token is predicted. So a
+sequence fits when it is at most one token longer than the context window, as in lm-eval.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -22,111 +23,142 @@ from tqdm import tqdm
 from llamita.logprobs import token_logprobs
 from llamita.model import Llama
 
-
-@dataclass
-class Item:
-    context: list[int]  # at least one token: what the first continuation token is predicted from
-    continuations: list[list[int]]
-
-    @property
-    def length(self) -> int:
-        """Tokens fed to the model."""
-        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
-
-    @property
-    def predicted(self) -> int:
-        """Positions whose logits are needed."""
-        return 1 + sum(len(c) - 1 for c in self.continuations)
+LOGITS_BUDGET = 1 << 28  # floats of logits per forward pass (1 GiB): long windows x big vocabularies
+ROW_TOKENS = 1024  # a row grows past one sequence only up to this: every token attends over the whole row
 
 
 @dataclass
 class Scored:
-    """One continuation's scores."""
+    """One sequence's scores."""
 
-    logprobs: Tensor  # float64 [len(continuation)]: log p(token | everything before it)
-    greedy: bool  # every token was the most likely one
+    logprobs: Tensor  # float64 [scored tokens]: log p(token | everything before it)
+    greedy: bool  # every scored token was the most likely one
 
     @property
     def total(self) -> float:
         return float(self.logprobs.sum())
 
 
-LOGITS_BUDGET = 1 << 28  # floats of logits per forward pass (1 GiB): long windows x big vocabularies
+@dataclass
+class Row:
+    """A token tree: node i holds ``tokens[i]`` under ``parents[i]`` (-1: the root) at position
+    ``depths[i]``; ``scored`` lists, per sequence, (its index, the nodes predicting its scored
+    tokens, those tokens)."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    children: dict[tuple[int, int], int] = field(default_factory=dict)
+    scored: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
+
+    def shared(self, ids: list[int]) -> int:
+        """How many of ``ids``' first tokens the tree holds already."""
+        node = -1
+        for n, t in enumerate(ids):
+            node = self.children.get((node, t), -2)
+            if node == -2:
+                return n
+        return len(ids)
+
+    def add(self, index: int, ids: list[int], first: int) -> None:
+        """Sequence ``index``: all but its last token fed, tokens ``first..`` scored."""
+        node, path = -1, []
+        for depth, t in enumerate(ids[:-1]):
+            nxt = self.children.get((node, t))
+            if nxt is None:
+                nxt = self.children[(node, t)] = len(self.tokens)
+                self.tokens.append(t)
+                self.parents.append(node)
+                self.depths.append(depth)
+            node = nxt
+            path.append(node)
+        self.scored.append((index, path[first - 1:], ids[first:]))
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def predictors(self) -> list[int]:
+        """The nodes whose logits are needed, in order."""
+        return sorted({n for _, nodes, _ in self.scored for n in nodes})
 
 
-def score(model: Llama, items: list[Item], batch_size: int = 8, desc: str | None = None) -> list[list[Scored]]:
-    """Per item, per continuation: its tokens' log-probabilities given the context (and the
-    continuation's earlier tokens). Items run longest first, up to ``batch_size`` per forward
-    pass, fewer where their logits would pass ``LOGITS_BUDGET``; ``desc``: a progress bar."""
-    for it in items:
-        if not it.context or not all(it.continuations):
-            raise ValueError("an item needs a context token and non-empty continuations")
-    order = sorted(range(len(items)), key=lambda i: -items[i].length)
-    results: list[list[Scored]] = [[] for _ in items]
+def pack(sequences: list[tuple[list[int], int]]) -> list[Row]:
+    """Consecutive sequences in shared rows while the tokens they share are at least half of what
+    they add (and the row stays within ``ROW_TOKENS``)."""
+    rows: list[Row] = []
+    for i, (ids, first) in enumerate(sequences):
+        fed = len(ids) - 1
+        row = rows[-1] if rows else None
+        if row is not None:
+            shared = row.shared(ids[:-1])
+            new = fed - shared
+            if not (2 * shared >= new and len(row.tokens) + new <= ROW_TOKENS):
+                row = None
+        if row is None:
+            row = Row()
+            rows.append(row)
+        row.add(i, ids, first)
+    return rows
+
+
+def score(model: Llama, sequences: list[tuple[list[int], int]], batch_size: int = 8,
+          desc: str | None = None) -> list[Scored]:
+    """Per ``(ids, first)``: the log-probabilities of ``ids[first:]`` (first >= 1), each given the
+    tokens before it. Rows (``pack``) run largest first, up to ``batch_size`` per forward pass,
+    fewer where their logits would pass ``LOGITS_BUDGET``; ``desc``: a progress bar's label."""
+    for ids, first in sequences:
+        if not 1 <= first < len(ids):
+            raise ValueError(f"cannot score from token {first} of a sequence of {len(ids)}")
+    rows = sorted(pack(sequences), key=lambda r: -len(r.tokens))
+    results: list[Scored | None] = [None] * len(sequences)
     device = model.norm.weight.device
-    with torch.inference_mode(), tqdm(total=len(items), desc=desc, disable=desc is None, unit="item") as bar:
-        for batch in _batches(order, items, batch_size, model.config.vocab_size):
-            for i, scored in zip(batch, _score_batch(model, [items[i] for i in batch], device)):
-                results[i] = scored
-            bar.update(len(batch))
-    return results
+    with torch.inference_mode(), tqdm(total=len(sequences), desc=desc, disable=desc is None, unit="seq") as bar:
+        for batch in _batches(rows, batch_size, model.config.vocab_size):
+            for index, scored in _score_batch(model, batch, device):
+                results[index] = scored
+            bar.update(sum(len(r.scored) for r in batch))
+    return results  # type: ignore[return-value]
 
 
-def _batches(order: list[int], items: list[Item], batch_size: int, vocab: int) -> Iterator[list[int]]:
-    """Consecutive runs of ``order``: up to ``batch_size`` items whose logits fit the budget."""
-    batch: list[int] = []
-    for i in order:
+def _batches(rows: list[Row], batch_size: int, vocab: int) -> Iterator[list[Row]]:
+    """Consecutive runs of rows: up to ``batch_size`` whose logits fit the budget."""
+    batch: list[Row] = []
+    for row in rows:
         if batch and (len(batch) == batch_size or
-                      sum(items[j].predicted for j in batch + [i]) * vocab > LOGITS_BUDGET):
+                      sum(len(r.predictors()) for r in batch + [row]) * vocab > LOGITS_BUDGET):
             yield batch
             batch = []
-        batch.append(i)
+        batch.append(row)
     if batch:
         yield batch
 
 
-def _score_batch(model: Llama, batch: list[Item], device: torch.device) -> list[list[Scored]]:
-    T = max(it.length for it in batch)
+def _score_batch(model: Llama, batch: list[Row], device: torch.device) -> Iterator[tuple[int, Scored]]:
+    T = max(len(r.tokens) for r in batch)
     ids = torch.zeros(len(batch), T, dtype=torch.long)
     positions = torch.zeros(len(batch), T, dtype=torch.long)
     keep = torch.zeros(len(batch), T, dtype=torch.bool)  # where logits are needed
-    branched = any(len(it.continuations) > 1 for it in batch)
-    mask = torch.zeros(len(batch), 1, T, T, dtype=torch.bool) if branched else None
-    targets: list[list[Tensor]] = []  # per item, per continuation
-    for b, it in enumerate(batch):
-        c = len(it.context)
-        row = it.context + [t for cont in it.continuations for t in cont[:-1]]
-        ids[b, : len(row)] = torch.tensor(row)
-        positions[b, :c] = torch.arange(c)
-        keep[b, c - 1] = True  # predicts every continuation's first token
+    chains = all(r.is_chain() for r in batch)
+    mask = None if chains else torch.zeros(len(batch), 1, T, T, dtype=torch.bool)
+    for b, row in enumerate(batch):
+        n = len(row.tokens)
+        ids[b, :n] = torch.tensor(row.tokens)
+        positions[b, :n] = torch.tensor(row.depths)
+        keep[b, row.predictors()] = True
         if mask is not None:
-            mask[b, 0, :c, :c] = torch.ones(c, c, dtype=torch.bool).tril()
-        at = c
-        for cont in it.continuations:
-            n = len(cont) - 1  # fed: all but the last
-            positions[b, at: at + n] = torch.arange(c, c + n)
-            keep[b, at: at + n] = True
-            if mask is not None:
-                mask[b, 0, at: at + n, :c] = True
-                mask[b, 0, at: at + n, at: at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-            at += n
-        if mask is not None:  # padding sees itself, so that no row of the softmax is empty
-            pad = torch.arange(len(row), T)
-            mask[b, 0, pad, pad] = True
-        targets.append([torch.tensor(cont) for cont in it.continuations])
+            ancestry = mask[b, 0]
+            for i, parent in enumerate(row.parents):  # a node sees its parent's ancestors and itself
+                if parent >= 0:
+                    ancestry[i] = ancestry[parent]
+                ancestry[i, i] = True
+            ancestry[torch.arange(n, T), torch.arange(n, T)] = True  # padding sees itself: no empty softmax row
     logits = model(ids.to(device), positions.to(device), mask=None if mask is None else mask.to(device),
                    logits_at=keep.to(device)).float().cpu()
-    out, row_start = [], 0
-    for b in range(len(batch)):
-        n_kept = int(keep[b].sum())
-        rows = logits[row_start: row_start + n_kept]  # the context's last, then each continuation's but last
-        row_start += n_kept
-        scored, at = [], 1
-        for target in targets[b]:
-            n = len(target)
-            cont_rows = torch.cat([rows[:1], rows[at: at + n - 1]])
-            at += n - 1
-            logp = token_logprobs(cont_rows, target)
-            scored.append(Scored(logp.logprobs.double(), bool(logp.greedy.all())))
-        out.append(scored)
-    return out
+    start = 0
+    for row in batch:
+        predictors = row.predictors()
+        at = {node: start + k for k, node in enumerate(predictors)}  # node -> its row of ``logits``
+        start += len(predictors)
+        for index, nodes, targets in row.scored:
+            got = token_logprobs(logits[[at[n] for n in nodes]], torch.tensor(targets))
+            yield index, Scored(got.logprobs.double(), bool(got.greedy.all()))
