@@ -38,7 +38,9 @@ TASKS = {
 }
 ROWS = ["llamita-fp32", "llamita-auto", "lm-eval"]
 MMLU_TASK = """output_type: multiple_choice
-description: "The following are multiple choice questions (with answers) about {{subject.replace('_', ' ')}}.\\n\\n"
+description: "The following are multiple choice questions (with answers) about {subject}.\\n\\n"
+fewshot_config:
+  sampler: first_n
 doc_to_text: "{{question.strip()}}\\nA. {{choices[0]}}\\nB. {{choices[1]}}\\nC. {{choices[2]}}\\n\\
   D. {{choices[3]}}\\nAnswer:"
 doc_to_choice: ["A", "B", "C", "D"]
@@ -60,45 +62,73 @@ def subset(src: Path, out: Path, limit: int, fmt: str) -> Path:
     return out
 
 
-def task_yaml(directory: Path, task: str, data: Path) -> str:
+def task_yamls(directory: Path, task: str, data: Path, dev: Path | None) -> list[str]:
+    """lm-eval tasks over ``data``: the benchmark's own YAML; for MMLU one task per subject (as
+    lm-eval has), each with its subject's dev records for few-shot examples."""
     _, fmt, include = TASKS[task]
     import lm_eval
 
-    head = f"include: {Path(lm_eval.__file__).parent / 'tasks' / include}\n" if include else MMLU_TASK
-    if fmt == "hellaswag":  # the shared records hold lm-eval's processed query already
-        head += "process_docs: null\ndoc_to_text: '{{query}}'\ndoc_to_choice: '{{endings}}'\n"
-    (directory / f"b_{task}.yaml").write_text(
-        f"{head}task: b_{task}\ntag: null\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files: {{test: {data}}}\n"
-        "training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: null\n")
-    return f"b_{task}"
+    if fmt != "mmlu":
+        head = f"include: {Path(lm_eval.__file__).parent / 'tasks' / include}\n"
+        if fmt == "hellaswag":  # the shared records hold lm-eval's processed query, not ctx_a / ctx_b
+            head += "process_docs: null\ndoc_to_text: '{{query}}'\ndoc_to_choice: '{{endings}}'\n"
+        return [_write_task(directory, f"b_{task}", head, data, None)]
+    records = [json.loads(x) for x in data.read_text(encoding="utf-8").splitlines()]
+    names = []
+    for subject in dict.fromkeys(r["subject"] for r in records):
+        test = directory / f"mmlu_{subject}.jsonl"
+        test.write_text("".join(json.dumps(r) + "\n" for r in records if r["subject"] == subject))
+        shots = directory / f"mmlu_{subject}_dev.jsonl"
+        shots.write_text("".join(x + "\n" for x in dev.read_text(encoding="utf-8").splitlines()
+                                 if json.loads(x)["subject"] == subject))
+        head = MMLU_TASK.replace("{subject}", subject.replace("_", " "))
+        names.append(_write_task(directory, f"b_mmlu_{subject}", head, test, shots))
+    return names
 
 
-def run_llamita(llm, data: Path, fmt: str, batch_size: int) -> tuple[dict, list[list[float]], float]:
+def _write_task(directory: Path, name: str, head: str, test: Path, dev: Path | None) -> str:
+    files = f"test: {test}" + (f", dev: {dev}" if dev else "")
+    (directory / f"{name}.yaml").write_text(
+        f"{head}task: {name}\ntag: null\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files: {{{files}}}\n"
+        f"training_split: null\nvalidation_split: null\ntest_split: test\nfewshot_split: {'dev' if dev else 'null'}\n")
+    return name
+
+
+def run_llamita(llm, data: Path, fmt: str, batch_size: int, shots: int,
+                dev: Path | None) -> tuple[dict, list[list[float]], float]:
     from llamita.eval import evaluate
 
     start = time.perf_counter()
-    result = evaluate("choice", data, llm, format=fmt, batch_size=batch_size)
+    result = evaluate("choice", data, llm, format=fmt, batch_size=batch_size, shots=shots,
+                      fewshot_file=str(dev) if dev else None)
     return result.metrics, [q["loglikelihoods"] for q in result.details["questions"]], time.perf_counter() - start
 
 
-def run_lm_eval(lm, manager, task: str) -> tuple[dict, list[list[float]], float]:
+def run_lm_eval(lm, manager, tasks: list[str], shots: int) -> tuple[dict, list[list[float]], float]:
+    """Scores of every doc (the tasks in order) and acc / acc_norm over all of them."""
     import lm_eval
 
     start = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, log_samples=True, verbosity="ERROR")
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, log_samples=True, verbosity="ERROR",
+                                  num_fewshot=shots)
     seconds = time.perf_counter() - start
-    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
-    metrics = {k.split(",")[0]: v for k, v in out["results"][task].items() if k.endswith(",none")}
+    samples = [s for t in tasks for s in sorted(out["samples"][t], key=lambda s: s["doc_id"])]
+    metrics = {m: sum(s[m] for s in samples) / len(samples) for m in ("acc", "acc_norm") if m in samples[0]}
     return metrics, [[ll for ll, _ in s["filtered_resps"]] for s in samples], seconds
 
 
-def fed_tokens(llm, data: Path, fmt: str) -> int:
-    """What lm-eval feeds: context plus continuation, per choice."""
-    from llamita.eval.choice import encode_pair, read_questions
+def fed_tokens(llm, data: Path, fmt: str, shots: int, dev: Path | None) -> int:
+    """What lm-eval feeds: context plus continuation, per choice (the same few-shot prompts)."""
+    import random
 
-    return sum(len(c) + len(x) for q in read_questions(data, fmt) for c, x in
-               (encode_pair(llm.tokenizer, *p) for p in q.pairs(q.description)))
+    from llamita.eval.choice import encode_pair, fewshot_prefix, read_questions
+
+    questions = read_questions(data, fmt)
+    pool = read_questions(dev, fmt) if dev else questions
+    rnd = random.Random(1234)
+    return sum(len(c) + len(x) for q in questions for c, x in
+               (encode_pair(llm.tokenizer, *p) for p in q.pairs(fewshot_prefix(q, pool, shots, rnd, dev is None))))
 
 
 def main() -> None:
@@ -107,6 +137,7 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--shots", type=int, default=0, help="few-shot examples (MMLU: from mmlu_dev.jsonl)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=",".join(ROWS))
     parser.add_argument("--json", help="write the table's numbers here too")
@@ -141,14 +172,18 @@ def main() -> None:
     for task in args.tasks.split(","):
         file, fmt, _ = TASKS[task]
         data = subset(Path(args.data) / file, directory / f"{task}.jsonl", args.limit, fmt)
-        manager = TaskManager(include_path=str(directory)) if "lm-eval" in engines else None
-        name = task_yaml(directory, task, data)
-        tokens = fed_tokens(any_llm, data, fmt)
+        if fmt == "mmlu":  # lm-eval's order: subject by subject
+            records = [json.loads(x) for x in data.read_text(encoding="utf-8").splitlines()]
+            order = {s: i for i, s in enumerate(dict.fromkeys(r["subject"] for r in records))}
+            data.write_text("".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: order[r["subject"]])))
+        dev = Path(args.data) / "mmlu_dev.jsonl" if fmt == "mmlu" and args.shots else None
+        names = task_yamls(directory, task, data, dev or Path(args.data) / "mmlu_dev.jsonl")
+        tokens = fed_tokens(any_llm, data, fmt, args.shots, dev)
         results = {}
         for row, engine in engines.items():
             print(f"{task}: {row} ...", file=sys.stderr, flush=True)
-            results[row] = (run_lm_eval(engine, TaskManager(include_path=str(directory)), name) if row == "lm-eval"
-                            else run_llamita(engine, data, fmt, args.batch_size))
+            results[row] = (run_lm_eval(engine, TaskManager(include_path=str(directory)), names, args.shots)
+                            if row == "lm-eval" else run_llamita(engine, data, fmt, args.batch_size, args.shots, dev))
         reference = results.get("lm-eval")
         for row, (metrics, lls, seconds) in results.items():
             diff = (max(abs(a - b) for x, y in zip(lls, reference[1]) for a, b in zip(x, y))
@@ -156,10 +191,10 @@ def main() -> None:
             table.append({"task": task, "row": row, "n": len(lls), "acc": metrics["acc"],
                           "acc_norm": metrics.get("acc_norm"), "seconds": round(seconds, 1),
                           "tokens_per_second": round(tokens / seconds), "max_ll_diff": diff})
-        del manager
     busy = others_load(ticks, time.perf_counter() - wall)
     print(f"\n{machine()}; {datetime.date.today()}; others' CPU share during the runs: {busy:.0%}")
-    print(f"`python bench/eval.py --limit {args.limit} --batch-size {args.batch_size} --tasks {args.tasks}`\n")
+    print(f"`python bench/eval.py --limit {args.limit} --batch-size {args.batch_size} --shots {args.shots} "
+          f"--tasks {args.tasks}`\n")
     print("| task | engine | n | acc | acc_norm | seconds | tokens/s | max \\|Δ log-likelihood\\| vs lm-eval |")
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
