@@ -4,13 +4,16 @@
     python bench/eval.py                                   # ../shared/data/bench, the default model
     python bench/eval.py --limit 200 --tasks arc_easy,piqa --batch-size 16
     python bench/eval.py --data DIR --only llamita-fp32,lm-eval
+    python bench/eval.py --tasks none --perplexity ../shared/data/bench/wikitext2_test.raw --windows 8
 
 Rows: llamita with float32 weights (``--quantize none``: equal numbers to transformers' float32),
 llamita with the GGUF as stored (``--quantize auto``: the default), and lm-eval's HF backend
 with transformers' float32 load of the same GGUF. Each task runs once per row, the rows in turn;
 the table gives accuracy, seconds and tokens/s (tokens: what lm-eval feeds, context plus
 continuation per choice, so both rows divide the same count) and the largest difference of any
-choice's log-likelihood from lm-eval's.
+choice's log-likelihood from lm-eval's. ``--perplexity FILE``: ``llamita eval perplexity --mode
+gptq`` against GPTQ's evaluation loop run with transformers on the same windows (lm-eval's own
+perplexity tasks use a fourth convention, rolling windows per document).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ TASKS = {
     "piqa": ("piqa_validation.jsonl", "piqa", "piqa/piqa.yaml"),
     "mmlu": ("mmlu_val.jsonl", "mmlu", None),  # every subject: one YAML of lm-eval's MMLU prompt
     "xnli_es": ("xnli_es_dev.jsonl", "xnli", "xnli/xnli_es.yaml"),
+    "exams_es": ("exams_es_test.jsonl", "arc", "arc/arc_easy.yaml"),  # ARC-style Spanish questions
 }
 ROWS = ["llamita-fp32", "llamita-auto", "lm-eval"]
 MMLU_TASK = """output_type: multiple_choice
@@ -131,6 +135,30 @@ def fed_tokens(llm, data: Path, fmt: str, shots: int, dev: Path | None) -> int:
                (encode_pair(llm.tokenizer, *p) for p in q.pairs(fewshot_prefix(q, pool, shots, rnd, dev is None))))
 
 
+def perplexity_rows(llm, model, file: Path, ctx: int, windows: int) -> list[dict]:
+    """GPTQ's convention by llamita and by a transformers loop (GPTQ's code: one window at a time)."""
+    import math
+
+    from llamita.eval import evaluate
+    from llamita.eval.perplexity import read_text
+
+    start = time.perf_counter()
+    ours = evaluate("perplexity", file, llm, mode="gptq", ctx=ctx, limit=windows)
+    seconds = time.perf_counter() - start
+    rows = [{"engine": "llamita-fp32", "perplexity": ours.metrics["perplexity"], "seconds": seconds}]
+    ids = llm.tokenizer.encode(read_text([file]), bos=llm.tokenizer.add_bos)
+    start, nlls = time.perf_counter(), []
+    with torch.no_grad():
+        for i in range(windows):
+            window = torch.tensor([ids[i * ctx:(i + 1) * ctx]])
+            nlls.append(float(model(window, labels=window).loss))
+    rows.append({"engine": "transformers (GPTQ's loop)", "perplexity": math.exp(sum(nlls) / len(nlls)),
+                 "seconds": time.perf_counter() - start})
+    for r in rows:
+        r["tokens_per_second"] = round(windows * ctx / r["seconds"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(Path(__file__).parents[2] / "shared" / "data" / "bench"))
@@ -141,6 +169,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", default=",".join(ROWS))
     parser.add_argument("--json", help="write the table's numbers here too")
+    parser.add_argument("--perplexity", help="a text file: perplexity (GPTQ's convention) against transformers")
+    parser.add_argument("--ctx", type=int, default=2048, help="--perplexity's window")
+    parser.add_argument("--windows", type=int, default=8, help="--perplexity's windows scored")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -169,7 +200,7 @@ def main() -> None:
         engines["lm-eval"] = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)
     any_llm = next(e for name, e in engines.items() if name != "lm-eval")
     table, ticks, wall = [], cpu_ticks(), time.perf_counter()
-    for task in args.tasks.split(","):
+    for task in [t for t in args.tasks.split(",") if t != "none"]:
         file, fmt, _ = TASKS[task]
         data = subset(Path(args.data) / file, directory / f"{task}.jsonl", args.limit, fmt)
         if fmt == "mmlu":  # lm-eval's order: subject by subject
@@ -191,6 +222,8 @@ def main() -> None:
             table.append({"task": task, "row": row, "n": len(lls), "acc": metrics["acc"],
                           "acc_norm": metrics.get("acc_norm"), "seconds": round(seconds, 1),
                           "tokens_per_second": round(tokens / seconds), "max_ll_diff": diff})
+    ppl = (perplexity_rows(engines["llamita-fp32"], model, Path(args.perplexity), args.ctx, args.windows)
+           if args.perplexity else [])
     busy = others_load(ticks, time.perf_counter() - wall)
     print(f"\n{machine()}; {datetime.date.today()}; others' CPU share during the runs: {busy:.0%}")
     print(f"`python bench/eval.py --limit {args.limit} --batch-size {args.batch_size} --shots {args.shots} "
@@ -202,8 +235,13 @@ def main() -> None:
         diff = "" if r["max_ll_diff"] is None else f"{r['max_ll_diff']:.1e}"
         print(f"| {r['task']} | {r['row']} | {r['n']} | {r['acc']:.4f} | {norm} | {r['seconds']} | "
               f"{r['tokens_per_second']} | {diff} |")
+    if ppl:
+        print(f"\n`--perplexity {args.perplexity} --ctx {args.ctx} --windows {args.windows}` (GPTQ's convention)\n")
+        print("| engine | perplexity | seconds | tokens/s |\n|---|---|---|---|")
+        for r in ppl:
+            print(f"| {r['engine']} | {r['perplexity']:.4f} | {r['seconds']:.1f} | {r['tokens_per_second']} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=2))
+        Path(args.json).write_text(json.dumps({"choice": table, "perplexity": ppl}, indent=2))
 
 
 if __name__ == "__main__":

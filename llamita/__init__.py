@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "Config": "llamita.config", "LLM": "llamita.llm", "Llama": "llamita.model", "LlamitaError": "llamita.errors",
     "SamplingParams": "llamita.sampling", "convert": "llamita.formats.export", "encode_chat": "llamita.chat",
+    "evaluate": "llamita.eval",
     "finetune": "llamita.train", "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer",
     "save_model": "llamita.formats",
 }
-__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "convert", "encode_chat", "finetune",
+__all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "convert", "encode_chat", "evaluate",
+           "finetune",
            "load_model", "load_tokenizer", "save_model"]
 __version__ = "0.1.0"
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from llamita.chat import encode_chat
     from llamita.config import Config
     from llamita.errors import LlamitaError
+    from llamita.eval import evaluate
     from llamita.formats import load_model, save_model
     from llamita.formats.export import convert
     from llamita.llm import LLM

@@ -12,7 +12,9 @@ official script reports them.
 Data: SQuAD's own JSON file ({"data": [{"paragraphs": [{"context", "qas": [...]}]}]}), or records
 (JSON Lines or a JSON array) with ``question``, ``context`` and ``answers`` (a list of strings or of
 {"text": ...} objects, or Hugging Face's {"text": [...]}), or ``instruction`` (the question),
-``input`` (the paragraph) and ``output`` (the answer).
+``input`` (the paragraph) and ``output`` (the answer): those are asked as ``llamita finetune``
+renders such records (instruction, blank line, paragraph), so a model tuned on them is asked the
+way it learned.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llamita.chat import Message
-from llamita.data import _string, read_records
+from llamita.data import _string, read_records, to_messages
 from llamita.errors import LlamitaError
 from llamita.eval import loaded
 from llamita.eval.generation import first, generated_tokens, replies, settings
@@ -53,6 +55,7 @@ class Question:
     question: str
     context: str
     answers: list[str]
+    messages: list[Message] | None = None  # instruction records: asked as finetune renders them
 
 
 # --- scoring: SQuAD v1.1's official functions, with a Spanish variant ------------------------------------
@@ -147,7 +150,7 @@ def _question(record: Any, where: str) -> Question:
     if "instruction" in record:
         output = _string(record, "output", where)
         return Question(where, _string(record, "instruction", where), _string(record, "input", where),
-                        _golds([output], where, "output"))
+                        _golds([output], where, "output"), to_messages(record, where)[:-1])
     if "question" not in record:
         raise LlamitaError(f"{where}: missing field 'question' (a QA record has question, context and answers, "
                            "or instruction, input and output)")
@@ -203,7 +206,8 @@ def run(llm: Any, data: str | Path, **options: Any) -> Result:
     questions = first(read_questions(data), opts.limit)
     llm = loaded(llm)
     timer = Timer()
-    texts = replies(llm, [prompt(q.question, q.context) for q in questions], [q.where for q in questions],
+    asked = [q.messages or prompt(q.question, q.context) for q in questions]
+    texts = replies(llm, asked, [q.where for q in questions],
                     opts.batch_size, "qa", max_new_tokens=opts.max_new_tokens, temperature=0.0, seed=opts.seed)
     timing = timer.details(generated_tokens(llm, texts))
     predictions = [answer_of(t) for t in texts]
