@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -15,16 +16,30 @@ from llamita.errors import LlamitaError
 
 def atomic_write(target: Path, write_to: Callable[[Path], None]) -> None:
     """Call ``write_to`` on a temporary path beside ``target``, then rename it into place, so that
-    a crash never leaves a half-written file under the real name."""
+    a crash never leaves a half-written file under the real name. The file gets the mode the umask
+    gives new files (mkstemp's is 0600, whatever the umask)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
         write_to(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """The process's umask: from /proc where Linux shows it, else by setting it and setting it back
+    (Python has no getter; another thread's file created in between would get 022)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: Path) -> dict:

@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llamita.data import IGNORE, Dataset, collate, load_dataset, order, pack, split
 from llamita.errors import LlamitaError
-from llamita.files import atomic_write, load_torch_file
+from llamita.files import atomic_write, load_torch_file, umask
 from llamita.formats import load_model
 from llamita.formats.export import write_tokenizer
 from llamita.lora import LoRAConfig, apply_lora
@@ -278,6 +278,7 @@ def save_checkpoint(out: Path, step: int, weights: dict[str, Tensor], optimizer_
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's is 0700, whatever the umask
     atomic_write(tmp / "trainable.safetensors", lambda p: save_file(weights, p))
     atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
     atomic_write(tmp / "rng.pt", lambda p: torch.save(rng, p))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import llamita
 from helpers import FAST, losses, tiny_base, write_data
 from llamita import cli
 from llamita.errors import LlamitaError
+from llamita.files import atomic_write
 from llamita.nf4 import NF4_LEVELS, NF4Linear, nf4_dequantize, nf4_quantize
 from llamita.train import TrainConfig, lr_at, model_to_train
 
@@ -229,3 +231,23 @@ def test_bad_options_are_one_line_errors(base, data, tmp_path, capsys):
     assert cli.main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "o"),
                      "--template", "vicuna"]) == 2
     assert "unknown chat template 'vicuna'" in capsys.readouterr().err
+
+
+# --- the run's folder: file modes ----------------------------------------------------------------------
+
+
+def test_written_files_take_the_umask_mode(base, data, tmp_path):
+    """Every file written had mkstemp's mode 0600 (and checkpoints mkdtemp's 0700), whatever the umask."""
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        llamita.finetune(base, data, out, steps=2, save_every=1, **FAST)
+        os.umask(0o027)
+        atomic_write(tmp_path / "private.txt", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert {"checkpoints/step-1", "checkpoints/step-1/optimizer.pt", "adapter/adapter_model.safetensors",
+            "metrics.jsonl", "loss.png", "train_config.json"} <= set(modes)
+    assert modes == {name: 0o755 if (out / name).is_dir() else 0o644 for name in modes}
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o640
