@@ -225,15 +225,17 @@ def load_dataset(source: str | Path, tokenizer: Tokenizer, *, format: str = "aut
             text = path.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise LlamitaError(f"{path}: cannot be read as UTF-8 text ({e})") from None
-        examples = encode_text(tokenizer, text, max_length)
+        examples = encode_text(tokenizer, text, max_length) if text.strip() else []
         if not examples:
-            raise LlamitaError(f"{path}: no text (the dataset is empty)")
+            raise LlamitaError(f"{path}: no text (the dataset is empty or only whitespace)")
         return Dataset(examples, source=str(source))
     examples, truncated = [], 0
     for where, record in read_records(source):
         kind = record_kind(record, where)
         if format != "auto" and kind != format:
             raise LlamitaError(f"{where}: a {kind} record in data read as --format {format}")
+        if not any(m["content"].strip() for m in to_messages(record, where) if m["role"] == "assistant"):
+            raise LlamitaError(f"{where}: the response is blank (empty or only whitespace): nothing to learn")
         ex = encode_record(tokenizer, record, where, template, train_on_prompt)
         if len(ex.ids) > max_length:
             ex, truncated = Example(ex.ids[:max_length], ex.labels[:max_length]), truncated + 1

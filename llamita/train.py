@@ -102,11 +102,15 @@ class TrainConfig:
             raise LlamitaError(f"--method {self.method!r}: known methods are {', '.join(METHODS)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise LlamitaError(f"--precision {self.precision!r}: known are auto, bf16, fp32")
-        for name in ("max_length", "batch_size", "grad_accum", "keep_last"):
-            if getattr(self, name) < 1:
-                raise LlamitaError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.steps is not None and self.steps < 1:
-            raise LlamitaError("--steps must be at least 1")
+        for name, least in (("max_length", 2), ("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("steps", 1),
+                            ("warmup", 0), ("save_every", 0), ("eval_every", 0), ("grad_clip", 0), ("weight_decay", 0)):
+            value = getattr(self, name)
+            if value is not None and not value >= least:  # `not >=`: NaN too
+                why = " (a token and the next, which it learns to predict)" if name == "max_length" else ""
+                raise LlamitaError(f"--{name.replace('_', '-')} {value}: must be at least {least}{why}")
+        for name in ("epochs", "lr"):
+            if (value := getattr(self, name)) is not None and not value > 0:
+                raise LlamitaError(f"--{name} {value}: must be more than 0")
         if not 0.0 <= self.val_split < 1.0:
             raise LlamitaError("--val-split must be in [0, 1)")
         if self.fsdp and self.method != "full":
@@ -408,16 +412,15 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
     if cfg.val_split:
         train_set, eval_set = split(train_set, cfg.val_split, cfg.seed)
     examples = pack(train_set.examples, max_length) if cfg.pack else train_set.examples
-    if d.main and train_set.truncated:
-        print(f"llamita: {train_set.truncated} of {len(train_set) + (len(eval_set) if cfg.val_split else 0)} "
-              f"records truncated to {max_length} tokens", file=sys.stderr)
+    per_step = cfg.batch_size * cfg.grad_accum * d.world
+    check_data(train_set, len(train_set) + (len(eval_set) if cfg.val_split else 0), max_length,
+               len(examples), per_step, d.main)
 
     sharded = d.world > 1 and (cfg.fsdp or (cfg.method == "full" and d.device.type == "cuda"))
     if sharded:
         shard(net)
     optimizer = torch.optim.AdamW(trainable(net).values(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5,
                                   weight_decay=cfg.weight_decay)
-    per_step = cfg.batch_size * cfg.grad_accum * d.world
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(examples) / per_step))
     start = 0
     if cfg.resume and (found := checkpoints(out)):
@@ -432,6 +435,25 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
     ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 and not sharded else net
     return Run(cfg, source, out, d, net, ddp, lora, examples, eval_set, optimizer, per_step, total, start,
                autocast_dtype(cfg, d.device), sharded)
+
+
+def check_data(train_set: Dataset, records: int, max_length: int, sequences: int, per_step: int, say: bool) -> None:
+    """Refuse data with nothing to learn within --max-length; say (with ``say``) how many records were
+    cut, how many lost every response token, and when one step takes more records than the data has."""
+    mute = sum(all(label == IGNORE for label in e.labels[1:]) for e in train_set.examples)  # position 0 predicts none
+    if mute == len(train_set):
+        raise LlamitaError(f"--max-length {max_length}: no record keeps a response token within it, so there is "
+                           "nothing to learn; raise --max-length")
+    if not say:
+        return
+    if train_set.truncated:
+        print(f"llamita: {train_set.truncated} of {records} records truncated to {max_length} tokens", file=sys.stderr)
+    if mute:
+        print(f"llamita: {mute} of {len(train_set)} training records keep no response token within --max-length "
+              f"{max_length}: they teach nothing", file=sys.stderr)
+    if per_step > sequences:
+        print(f"llamita: warning: a step takes {per_step} records (--batch-size x --grad-accum x processes) but "
+              f"the data has {sequences}: each step goes over it {per_step / sequences:.4g} times", file=sys.stderr)
 
 
 def train(run: Run) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -251,3 +252,39 @@ def test_written_files_take_the_umask_mode(base, data, tmp_path):
             "metrics.jsonl", "loss.png", "train_config.json"} <= set(modes)
     assert modes == {name: 0o755 if (out / name).is_dir() else 0o644 for name in modes}
     assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o640
+
+
+# --- numbers and records that teach nothing ------------------------------------------------------------
+
+
+def test_blank_records_and_numbers_that_teach_nothing_are_refused(base, data, tmp_path, capsys):
+    """Whitespace-only records, --max-length 1 (loss 0, exit 0) and --epochs -1 were accepted."""
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"instruction": "a", "output": "b"}\n{"instruction": " ", "output": " \\n\\t"}\n')
+    with pytest.raises(LlamitaError, match=r"blank.jsonl:2: the response is blank \(empty or only whitespace\)"):
+        llamita.finetune(base, blank, tmp_path / "a", steps=1, **FAST)
+    spaces = tmp_path / "spaces.txt"
+    spaces.write_text("  \n\n \t\n")
+    with pytest.raises(LlamitaError, match=r"spaces.txt: no text \(the dataset is empty or only whitespace\)"):
+        llamita.finetune(base, spaces, tmp_path / "b", steps=1, format="text", **FAST)
+    assert cli.main(["finetune", str(base), "--data", str(data), "--out", str(tmp_path / "c"),
+                     "--max-length", "1"]) == 2
+    assert "--max-length 1: must be at least 2 (a token and the next" in capsys.readouterr().err
+    for option, value, message in [("epochs", -1.0, "--epochs -1.0: must be more than 0"),
+                                   ("epochs", 0.0, "--epochs 0.0: must be more than 0"),
+                                   ("lr", -1e-3, "--lr -0.001: must be more than 0"),
+                                   ("warmup", -1, "--warmup -1: must be at least 0"),
+                                   ("grad_accum", 0, "--grad-accum 0: must be at least 1")]:
+        with pytest.raises(LlamitaError, match=re.escape(message)):
+            TrainConfig(**{option: value})
+    with pytest.raises(LlamitaError, match="--max-length 8: no record keeps a response token within it"):
+        llamita.finetune(base, data, tmp_path / "d", steps=1, max_length=8, **FAST)
+
+
+def test_a_step_larger_than_the_data_is_warned(base, data, tmp_path, capsys):
+    """--grad-accum 1000000 took 3 GB and minutes per step over 12 records, without a word."""
+    import llamita.train as train
+
+    train.prepare(base, data, tmp_path / "run", TrainConfig(grad_accum=1000, steps=1, **FAST))
+    assert ("llamita: warning: a step takes 4000 records (--batch-size x --grad-accum x processes) but the data has "
+            "12: each step goes over it 333.3 times") in capsys.readouterr().err
