@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -17,7 +19,7 @@ from llamita.errors import LlamitaError
 def atomic_write(target: Path, write_to: Callable[[Path], None]) -> None:
     """Call ``write_to`` on a temporary path beside ``target``, then rename it into place, so that
     a crash never leaves a half-written file under the real name. The file gets the mode the umask
-    gives new files (mkstemp's is 0600, whatever the umask)."""
+    gives new files (mkstemp's is 0600, whatever the umask); a full disk is named as such."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
@@ -25,8 +27,11 @@ def atomic_write(target: Path, write_to: Callable[[Path], None]) -> None:
         write_to(Path(tmp))
         os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, LlamitaError) and disk_full(e, target.parent):
+            raise LlamitaError(f"{target}: no space left on device (the disk is full): free some space and "
+                               "run again") from e
         raise
 
 
@@ -40,6 +45,17 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def disk_full(error: Exception, where: Path) -> bool:
+    """Whether ``error`` (from writing under ``where``) is a full disk: ENOSPC or EDQUOT, or any
+    error with under 1 MiB left, since torch.save's C++ writer reports only "iostream error"."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
 
 
 def read_json(path: Path) -> dict:

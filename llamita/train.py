@@ -235,6 +235,34 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, d: Dist, amp: tor
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+# --- the run's folder --------------------------------------------------------------------------------
+
+OUTPUTS = ("checkpoints", "adapter", "model", "metrics.jsonl", "loss.png", "train_config.json")  # what a run writes
+
+
+def discard(path: Path) -> None:
+    """Delete a file, or a folder after renaming it to a hidden name: a kill while it is deleted
+    leaves no part of it under a name that counts (``remove_stale`` clears the rest)."""
+    if path.is_file():
+        path.unlink()
+        return
+    trash = path.with_name(f".trash-{path.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def remove_stale(out: Path) -> None:
+    """What a killed or failed run left: hidden checkpoint folders (being written or deleted) and
+    the temporary files of ``atomic_write`` and ``discard`` beside the run's outputs."""
+    root = out / "checkpoints"
+    stale = list(root.glob(".*")) if root.is_dir() else []
+    stale += [p for p in out.glob(".*") if p.name.startswith(".trash-") or
+              any(p.name.startswith(f".{name}.") for name in OUTPUTS)]
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 # --- checkpoints -------------------------------------------------------------------------------------
 
 
@@ -278,21 +306,27 @@ def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, shard
 def save_checkpoint(out: Path, step: int, weights: dict[str, Tensor], optimizer_state: dict,
                     rng: list[dict], cfg: TrainConfig) -> None:
     """``out/checkpoints/step-N``: written into a hidden temporary folder, then renamed, so a crash
-    never leaves a half-written checkpoint under a real name; the last ``keep_last`` are kept."""
+    never leaves a half-written checkpoint under a real name; the last ``keep_last`` are kept, the
+    others renamed away before they are deleted (``discard``)."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
-    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's is 0700, whatever the umask
-    atomic_write(tmp / "trainable.safetensors", lambda p: save_file(weights, p))
-    atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
-    atomic_write(tmp / "rng.pt", lambda p: torch.save(rng, p))
-    atomic_write(tmp / "state.json", lambda p: p.write_text(json.dumps({"step": step, "config": asdict(cfg)}) + "\n"))
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's is 0700, whatever the umask
+        state = {"step": step, "config": asdict(cfg)}
+        atomic_write(tmp / "trainable.safetensors", lambda p: save_file(weights, p))
+        atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
+        atomic_write(tmp / "rng.pt", lambda p: torch.save(rng, p))
+        atomic_write(tmp / "state.json", lambda p: p.write_text(json.dumps(state) + "\n"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / f"step-{step}"
     if final.exists():  # left by a run that went further before this one resumed from earlier
-        shutil.rmtree(final)
+        discard(final)
     os.rename(tmp, final)
     for old in checkpoints(out)[: -cfg.keep_last]:
-        shutil.rmtree(old)
+        discard(old)
 
 
 def checkpoints(out: Path) -> list[Path]:
@@ -302,14 +336,44 @@ def checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+def read_training_checkpoint(path: Path) -> dict:
+    """All a checkpoint holds but its weights' values, read and checked before anything is restored:
+    one cut short (a kill, a full disk) or damaged raises LlamitaError."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        with safe_open(path / "trainable.safetensors", framework="pt") as f:
+            names = set(f.keys())
+        step = state["step"]
+    except Exception as e:  # a missing file, JSON cut short, a safetensors file shorter than its header says
+        raise LlamitaError(f"{path}: not a complete checkpoint ({type(e).__name__}: {e})") from None
+    if step != int(path.name[5:]):
+        raise LlamitaError(f"{path}: its state.json says step {step}")
+    return {"step": step, "names": names,
+            "optimizer": load_torch_file(path / "optimizer.pt", "optimizer state", mmap=False),
+            "rng": load_torch_file(path / "rng.pt", "random state", mmap=False)}
+
+
+def newest_checkpoint(out: Path, say: bool) -> tuple[Path, dict] | None:
+    """The newest checkpoint that reads whole, and what it holds; newer damaged ones are passed
+    over (and, with ``say``, named)."""
+    for path in reversed(checkpoints(out)):
+        try:
+            return path, read_training_checkpoint(path)
+        except LlamitaError as e:
+            if say:
+                print(f"llamita: passing over a damaged checkpoint: {e}", file=sys.stderr)
+    return None
+
+
+def load_checkpoint(path: Path, held: dict, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int,
                     sharded: bool = False) -> int:
-    params = trainable(model)
-    optimizer_state = load_torch_file(path / "optimizer.pt", "optimizer state", mmap=False)
+    """Restore the weights, the optimizer and this process's random state from a checkpoint
+    ``read_training_checkpoint`` has read (``held``); returns its step."""
+    params, optimizer_state = trainable(model), held["optimizer"]
+    if held["names"] != set(params):
+        raise LlamitaError(f"{path}: its weights do not match this run's trainable weights "
+                           "(another --method or --lora-targets?)")
     with safe_open(path / "trainable.safetensors", framework="pt") as f, torch.no_grad():
-        if set(f.keys()) != set(params):
-            raise LlamitaError(f"{path}: its weights do not match this run's trainable weights "
-                               "(another --method or --lora-targets?)")
         if sharded:  # every process reads the whole checkpoint and keeps its shards
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -324,9 +388,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             for name, p in params.items():
                 p.copy_(f.get_tensor(name))
             optimizer.load_state_dict(optimizer_state)
-    rng = load_torch_file(path / "rng.pt", "random state", mmap=False)
+    rng = held["rng"]
     set_rng_state(rng[rank] if rank < len(rng) else rng[0])
-    return json.loads((path / "state.json").read_text())["step"]
+    return held["step"]
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -400,6 +464,9 @@ class Run:
 def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainConfig) -> Run:
     """The model, the data, the optimizer, and where a resumed run stands."""
     d = init_distributed(cfg.device)
+    if d.main:
+        remove_stale(out)
+    resumed = newest_checkpoint(out, d.main) if cfg.resume else None
     torch.manual_seed(cfg.seed + d.rank)  # LoRA's init is overwritten by rank 0's through DDP
     random.seed(cfg.seed + d.rank)
     net, lora = model_to_train(source, cfg, d.device)
@@ -423,10 +490,10 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
                                   weight_decay=cfg.weight_decay)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(examples) / per_step))
     start = 0
-    if cfg.resume and (found := checkpoints(out)):
-        start = load_checkpoint(found[-1], net, optimizer, d.rank, sharded)
+    if resumed:
+        start = load_checkpoint(*resumed, net, optimizer, d.rank, sharded)
         if d.main:
-            print(f"llamita: resuming from {found[-1]}", file=sys.stderr)
+            print(f"llamita: resuming from {resumed[0]}", file=sys.stderr)
     if d.main:  # the metrics of steps after the checkpoint belong to the run that was cut short
         out.mkdir(parents=True, exist_ok=True)
         kept = "".join(json.dumps(r) + "\n" for r in read_metrics(out) if r["step"] <= start) if start else ""

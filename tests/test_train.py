@@ -3,14 +3,17 @@ processes equals one process with twice the batch, QLoRA's NF4 memory, full fine
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -234,7 +237,76 @@ def test_bad_options_are_one_line_errors(base, data, tmp_path, capsys):
     assert "unknown chat template 'vicuna'" in capsys.readouterr().err
 
 
-# --- the run's folder: file modes ----------------------------------------------------------------------
+# --- the run's folder: checkpoints cut short, a full disk, file modes ---------------------------------
+
+
+def test_resume_passes_over_a_damaged_checkpoint_and_removes_stale_temporaries(base, data, tmp_path, capsys):
+    """A kill while pruning left step-3 holding only rng.pt, and hidden folders of interrupted saves stayed forever."""
+    options = dict(steps=4, save_every=1, keep_last=3, **FAST)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    llamita.finetune(base, data, whole, **options)
+    shutil.copytree(whole, cut)
+    for name in ("trainable.safetensors", "optimizer.pt", "state.json"):
+        (cut / "checkpoints" / "step-3" / name).unlink()
+    (cut / "checkpoints" / ".step-4.x1y2").mkdir()
+    (cut / "checkpoints" / ".step-4.x1y2" / ".optimizer.pt.abc").write_bytes(b"cut")
+    (cut / "checkpoints" / ".trash-step-1").mkdir()
+    (cut / ".metrics.jsonl.k3j4").write_text("{")
+    capsys.readouterr()
+    llamita.finetune(base, data, cut, resume=True, **options)
+    err = capsys.readouterr().err
+    assert f"passing over a damaged checkpoint: {cut / 'checkpoints' / 'step-3'}: not a complete checkpoint" in err
+    assert f"resuming from {cut / 'checkpoints' / 'step-2'}" in err
+    assert losses(cut) == pytest.approx(losses(whole), abs=1e-6)
+    a = load_file(cut / "adapter" / "adapter_model.safetensors")
+    b = load_file(whole / "adapter" / "adapter_model.safetensors")
+    assert all((a[k] - b[k]).abs().max() < 1e-6 for k in a)
+    assert sorted(p.name for p in (cut / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]
+    assert not [p for p in cut.iterdir() if p.name.startswith(".")]
+
+
+def test_an_interrupted_prune_leaves_no_partial_checkpoint(base, data, tmp_path, monkeypatch):
+    """Pruning deleted a checkpoint in place, so a kill midway left part of it under its valid name."""
+    import llamita.train as train
+
+    rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        if not Path(path).exists():
+            return rmtree(path, ignore_errors=ignore_errors)
+        next(p for p in sorted(Path(path).iterdir()) if p.name != "rng.pt").unlink()
+        raise RuntimeError("killed while pruning")
+
+    monkeypatch.setattr(train.shutil, "rmtree", killed_midway)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed while pruning"):
+        llamita.finetune(base, data, out, steps=3, save_every=1, keep_last=1, **FAST)
+    complete = {"trainable.safetensors", "optimizer.pt", "rng.pt", "state.json"}
+    assert [p.name for p in train.checkpoints(out)] == ["step-2"]
+    assert {p.name for p in (out / "checkpoints" / "step-2").iterdir()} == complete
+
+
+def test_a_full_disk_is_named_and_leaves_no_temporary_checkpoint(base, data, tmp_path, monkeypatch):
+    """A full disk gave a traceback (torch.save's: "basic_ios::clear: iostream error") and left a hidden folder."""
+    import llamita.train as train
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "save_file", no_space)
+    with pytest.raises(LlamitaError, match=r"step-1\.\w+/trainable.safetensors: no space left on device \(the disk is"):
+        llamita.finetune(base, data, tmp_path / "a", steps=2, save_every=1, **FAST)
+    assert list((tmp_path / "a" / "checkpoints").iterdir()) == []
+    monkeypatch.undo()
+
+    def iostream_error(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(train.torch, "save", iostream_error)  # what torch.save says; the free space tells why
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: types.SimpleNamespace(total=1 << 30, used=1 << 30, free=0))
+    with pytest.raises(LlamitaError, match=r"optimizer.pt: no space left on device"):
+        llamita.finetune(base, data, tmp_path / "b", steps=2, save_every=1, **FAST)
+    assert list((tmp_path / "b" / "checkpoints").iterdir()) == []
 
 
 def test_written_files_take_the_umask_mode(base, data, tmp_path):
