@@ -8,6 +8,7 @@ end them, EOS or ``<|im_end|>``), so the model learns to answer, not to write pr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -241,6 +242,20 @@ def load_dataset(source: str | Path, tokenizer: Tokenizer, *, format: str = "aut
             ex, truncated = Example(ex.ids[:max_length], ex.labels[:max_length]), truncated + 1
         examples.append(ex)
     return Dataset(examples, truncated, str(source))
+
+
+def fingerprint(source: str | Path) -> str:
+    """sha256 of the data file's bytes (a Hub dataset's: of its records as JSON): a resumed run
+    checks that it trains on the data its checkpoint was trained on."""
+    digest = hashlib.sha256()
+    path = Path(source).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    else:
+        digest.update(json.dumps([r for _, r in read_records(source)], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:

@@ -38,9 +38,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from llamita.data import IGNORE, Dataset, collate, load_dataset, order, pack, split
+from llamita.data import IGNORE, Dataset, collate, fingerprint, load_dataset, order, pack, split
 from llamita.errors import LlamitaError
-from llamita.files import atomic_write, load_torch_file, umask
+from llamita.files import atomic_write, load_torch_file, read_json, umask
 from llamita.formats import load_model
 from llamita.formats.export import write_tokenizer
 from llamita.lora import LoRAConfig, apply_lora
@@ -90,7 +90,8 @@ class TrainConfig:
     # outputs
     save_every: int = option(0, "steps between checkpoints (0: none)")
     keep_last: int = option(2, "checkpoints kept")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint (same options, model, data)")
+    overwrite: bool = option(False, "replace the run --out holds (its checkpoints, metrics and result) with a new one")
     dtype: str | None = option(None, "the frozen weights' dtype (default float32; bfloat16 for qlora)",
                                choices=("float32", "bfloat16", "float16"))
     device: str = option("cpu", "cpu, cuda, cuda:1 ...")
@@ -111,6 +112,8 @@ class TrainConfig:
         for name in ("epochs", "lr"):
             if (value := getattr(self, name)) is not None and not value > 0:
                 raise LlamitaError(f"--{name} {value}: must be more than 0")
+        if self.resume and self.overwrite:
+            raise LlamitaError("--resume continues the run in --out, --overwrite replaces it: give one")
         if not 0.0 <= self.val_split < 1.0:
             raise LlamitaError("--val-split must be in [0, 1)")
         if self.fsdp and self.method != "full":
@@ -237,7 +240,67 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, d: Dist, amp: tor
 
 # --- the run's folder --------------------------------------------------------------------------------
 
+# The options that make a run what it is: --resume continues a run only with the values its checkpoint
+# recorded (and the same model, data and records per step: ``run_identity``). The others (--save-every,
+# --keep-last, --eval-every, --eval-data, --device, --grad-checkpoint, --progress...) may change between a run
+# and its resumption: the steps compute the same.
+SAME_RUN = ("method", "format", "template", "max_length", "train_on_prompt", "pack", "val_split", "lora_r",
+            "lora_alpha", "lora_dropout", "lora_targets", "lr", "warmup", "steps", "epochs", "weight_decay",
+            "grad_clip", "precision", "dtype", "seed")
 OUTPUTS = ("checkpoints", "adapter", "model", "metrics.jsonl", "loss.png", "train_config.json")  # what a run writes
+
+
+def run_identity(cfg: TrainConfig, source: str | Path | None, data: str | Path, world: int) -> dict:
+    """What a run is, recorded with it and with each checkpoint for --resume to compare: the model,
+    the data file's sha256, the records per step (a step is the same however they are split) and
+    the SAME_RUN options."""
+    from llamita.assets import DEFAULT_MODEL_NAME
+
+    model = Path(source).expanduser() if source is not None else None
+    return {"model": str(model.resolve()) if model and model.exists() else str(source or DEFAULT_MODEL_NAME),
+            "data_sha256": fingerprint(data), "records_per_step": cfg.batch_size * cfg.grad_accum * world,
+            **{name: getattr(cfg, name) for name in SAME_RUN}}
+
+
+def differences(ours: dict, recorded: dict) -> list[str]:
+    """``name value (the run's: value)`` for each entry of ``ours`` that ``recorded`` holds otherwise;
+    an entry it lacks (a run recorded by an older llamita) is not compared."""
+    def show(name: str, value) -> str:
+        return f"{value[:12]}..." if name == "data_sha256" and isinstance(value, str) else repr(value)
+
+    return [f"{name} {show(name, value)} (the run's: {show(name, recorded[name])})"
+            for name, value in ours.items() if name in recorded and recorded[name] != value]
+
+
+def claim(out: Path, cfg: TrainConfig, identity: dict, d: Dist) -> tuple[Path, dict] | None:
+    """Where this run starts in ``out``: the newest readable checkpoint of the same run (--resume),
+    or nothing. A folder holding another run is refused (--overwrite clears it), and so is a
+    checkpoint of a run with other options; what interrupted writes left behind is removed."""
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    found = None
+    if cfg.resume:
+        found = newest_checkpoint(out, d.main)
+        if found:
+            recorded = found[1]["run"]
+        else:
+            saved = read_json(out / "train_config.json") if (out / "train_config.json").is_file() else {}
+            recorded = saved.get("run", saved)  # an older llamita wrote the options alone
+        if diffs := differences(identity, recorded):
+            raise LlamitaError(f"{out}: --resume: this is not the run that {out} holds: {'; '.join(diffs)}. Resume "
+                               "with that run's options, model and data, or start anew with --overwrite "
+                               "(or another --out)")
+        if not found and d.main:
+            print(f"llamita: --resume: no checkpoint in {out / 'checkpoints'}: starting from step 0", file=sys.stderr)
+    elif held and not cfg.overwrite:
+        raise LlamitaError(f"{out} holds another run ({', '.join(held)}): continue it with --resume, replace it "
+                           "with --overwrite, or give another --out")
+    if d.world > 1:
+        dist.barrier()  # every process has read the folder before rank 0 changes it
+    if d.main:
+        remove_stale(out)
+        for name in held if cfg.overwrite else ():
+            discard(out / name)
+    return found
 
 
 def discard(path: Path) -> None:
@@ -304,7 +367,7 @@ def whole_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, shard
 
 
 def save_checkpoint(out: Path, step: int, weights: dict[str, Tensor], optimizer_state: dict,
-                    rng: list[dict], cfg: TrainConfig) -> None:
+                    rng: list[dict], cfg: TrainConfig, identity: dict) -> None:
     """``out/checkpoints/step-N``: written into a hidden temporary folder, then renamed, so a crash
     never leaves a half-written checkpoint under a real name; the last ``keep_last`` are kept, the
     others renamed away before they are deleted (``discard``)."""
@@ -313,7 +376,7 @@ def save_checkpoint(out: Path, step: int, weights: dict[str, Tensor], optimizer_
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step}."))
     try:
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's is 0700, whatever the umask
-        state = {"step": step, "config": asdict(cfg)}
+        state = {"step": step, "run": identity, "config": asdict(cfg)}
         atomic_write(tmp / "trainable.safetensors", lambda p: save_file(weights, p))
         atomic_write(tmp / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
         atomic_write(tmp / "rng.pt", lambda p: torch.save(rng, p))
@@ -348,7 +411,7 @@ def read_training_checkpoint(path: Path) -> dict:
         raise LlamitaError(f"{path}: not a complete checkpoint ({type(e).__name__}: {e})") from None
     if step != int(path.name[5:]):
         raise LlamitaError(f"{path}: its state.json says step {step}")
-    return {"step": step, "names": names,
+    return {"step": step, "run": state.get("run") or state.get("config", {}), "names": names,
             "optimizer": load_torch_file(path / "optimizer.pt", "optimizer state", mmap=False),
             "rng": load_torch_file(path / "rng.pt", "random state", mmap=False)}
 
@@ -459,14 +522,14 @@ class Run:
     start: int  # the step resumed from
     amp: torch.dtype | None
     sharded: bool
+    identity: dict  # what the run is (``run_identity``), recorded in train_config.json and each checkpoint
 
 
 def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainConfig) -> Run:
     """The model, the data, the optimizer, and where a resumed run stands."""
     d = init_distributed(cfg.device)
-    if d.main:
-        remove_stale(out)
-    resumed = newest_checkpoint(out, d.main) if cfg.resume else None
+    identity = run_identity(cfg, source, data, d.world)
+    resumed = claim(out, cfg, identity, d)
     torch.manual_seed(cfg.seed + d.rank)  # LoRA's init is overwritten by rank 0's through DDP
     random.seed(cfg.seed + d.rank)
     net, lora = model_to_train(source, cfg, d.device)
@@ -498,10 +561,11 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
         out.mkdir(parents=True, exist_ok=True)
         kept = "".join(json.dumps(r) + "\n" for r in read_metrics(out) if r["step"] <= start) if start else ""
         atomic_write(out / "metrics.jsonl", lambda p: p.write_text(kept))
-        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(asdict(cfg), indent=2) + "\n"))
+        record = {"run": identity, "options": asdict(cfg)}
+        atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 and not sharded else net
     return Run(cfg, source, out, d, net, ddp, lora, examples, eval_set, optimizer, per_step, total, start,
-               autocast_dtype(cfg, d.device), sharded)
+               autocast_dtype(cfg, d.device), sharded, identity)
 
 
 def check_data(train_set: Dataset, records: int, max_length: int, sequences: int, per_step: int, say: bool) -> None:
@@ -596,7 +660,7 @@ def checkpoint_run(run: Run, step: int) -> None:
         rng = [rng_state()]
     weights, optimizer_state = whole_state(run.net, run.optimizer, run.sharded)
     if run.d.main:
-        save_checkpoint(run.out, step, weights, optimizer_state, rng, run.cfg)
+        save_checkpoint(run.out, step, weights, optimizer_state, rng, run.cfg, run.identity)
 
 
 def learned_template(cfg: TrainConfig) -> str | None:

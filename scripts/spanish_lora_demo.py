@@ -57,7 +57,8 @@ def main() -> None:
 
     adapter = args.adapter or llamita.finetune(
         args.model, out / "train.jsonl", out, template="auto", steps=args.steps, lora_targets="all", lr=2e-4,
-        batch_size=4, max_length=args.max_length, warmup=20, val_split=0.02, eval_every=max(1, args.steps // 5))
+        batch_size=4, max_length=args.max_length, warmup=20, val_split=0.02, eval_every=max(1, args.steps // 5),
+        overwrite=True)  # a rerun replaces the last run's adapter and metrics
     results = {}
     for name, llm in (("before", lambda: llamita.LLM.load(args.model, quantize="none")),
                       ("after", lambda: llamita.LLM.load(args.model, adapter=adapter, quantize="none"))):

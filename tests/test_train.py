@@ -237,7 +237,43 @@ def test_bad_options_are_one_line_errors(base, data, tmp_path, capsys):
     assert "unknown chat template 'vicuna'" in capsys.readouterr().err
 
 
-# --- the run's folder: checkpoints cut short, a full disk, file modes ---------------------------------
+# --- the run's folder: another run's, checkpoints cut short, a full disk, file modes ------------------
+
+
+def test_a_folder_holding_another_run_is_refused_unless_overwrite(base, data, tmp_path):
+    """A second run in the first one's --out used to prune the first's checkpoints and mix them with its own."""
+    out = tmp_path / "run"
+    llamita.finetune(base, data, out, steps=3, save_every=1, **FAST)
+    held = r"holds another run \(checkpoints, adapter, metrics.jsonl, loss.png, train_config.json\): "
+    with pytest.raises(LlamitaError, match=held + "continue it with --resume, replace it with --overwrite"):
+        llamita.finetune(base, data, out, steps=2, save_every=1, seed=7, **FAST)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]  # untouched
+    llamita.finetune(base, data, out, steps=2, save_every=1, seed=7, overwrite=True, **FAST)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert json.loads((out / "checkpoints" / "step-1" / "state.json").read_text())["run"]["seed"] == 7
+    assert len(losses(out)) == 2
+    with pytest.raises(LlamitaError, match="--resume continues the run in --out, --overwrite replaces it"):
+        llamita.finetune(base, data, out, resume=True, overwrite=True)
+
+
+def test_resume_refuses_another_runs_checkpoint_and_says_when_there_is_none(base, data, tmp_path, capsys):
+    """--resume used to load another run's step (other seed, lr and steps), train nothing and write it as its result."""
+    out = tmp_path / "run"
+    llamita.finetune(base, data, out, steps=3, save_every=2, **FAST)
+    with pytest.raises(LlamitaError) as e:
+        llamita.finetune(base, data, out, steps=5, resume=True, **{**FAST, "lr": 2e-2, "seed": 7})
+    assert (f"{out}: --resume: this is not the run that {out} holds: lr 0.02 (the run's: 0.01); "
+            "steps 5 (the run's: 3); seed 7 (the run's: 1337). Resume with that run's options") in str(e.value)
+    other = write_data(tmp_path / "other.jsonl", n=8)
+    with pytest.raises(LlamitaError, match=r"holds: data_sha256 \w{12}\.\.\. \(the run's: \w{12}\.\.\.\)\."):
+        llamita.finetune(base, other, out, steps=3, resume=True, **FAST)
+    with pytest.raises(LlamitaError, match=r"records_per_step 8 \(the run's: 4\)"):
+        llamita.finetune(base, data, out, steps=3, resume=True, **{**FAST, "batch_size": 8})
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
+    capsys.readouterr()
+    llamita.finetune(base, data, tmp_path / "fresh", steps=1, resume=True, **FAST)
+    assert f"llamita: --resume: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}: starting from step 0" in \
+        capsys.readouterr().err
 
 
 def test_resume_passes_over_a_damaged_checkpoint_and_removes_stale_temporaries(base, data, tmp_path, capsys):
