@@ -25,6 +25,7 @@ from llamita.errors import LlamitaError
 from llamita.generate import Request
 from llamita.llm import LLM
 from llamita.logprobs import Entry, Logprobs
+from llamita.sampling import PENALTY_RANGE
 from llamita.serve.engine import EngineStopped, QueueFull, Stream
 from llamita.tokenizer import Tokenizer
 
@@ -63,7 +64,7 @@ class Sampling(Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
     stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 

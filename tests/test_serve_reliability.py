@@ -1,0 +1,137 @@
+"""One client must not hurt the others: hostile or broken requests next to ordinary ones ("victims").
+
+In process (the app over ``default_llm``, its engine thread running, httpx's ASGI transport), so
+the victims' answers compare exactly with ``LLM.generate_batch``. Nothing waits on timing: the
+engine's own counts say what ran together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+
+from llamita.generate import Request
+from llamita.serve.app import create_app
+from llamita.serve.engine import Engine
+
+VICTIMS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,"]
+VICTIM_TOKENS = 24
+
+
+@asynccontextmanager
+async def serving(llm, **options) -> AsyncIterator[tuple[httpx.AsyncClient, Engine]]:
+    """The app over ``llm`` with its engine running, and a client that talks to it in process."""
+    app = create_app(llm, **{"max_batch": 8, "max_seq_len": 256, **options})
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)  # a 500 is an answer to check
+        async with httpx.AsyncClient(transport=transport, base_url="http://llamita", timeout=300) as client:
+            yield client, app.state.engine
+
+
+def run(llm, scenario: Callable[[httpx.AsyncClient, Engine], Awaitable[Any]], **options) -> Any:
+    """``scenario(client, engine)`` against a fresh app, to the end."""
+    async def main() -> Any:
+        async with serving(llm, **options) as (client, engine):
+            return await scenario(client, engine)
+
+    return asyncio.run(main())
+
+
+def sse_data(text: str) -> list:
+    """The data of each server-sent event, JSON-decoded (``[DONE]`` kept as the string)."""
+    data = [line.removeprefix("data: ") for line in text.splitlines() if line]
+    return [d if d == "[DONE]" else json.loads(d) for d in data]
+
+
+async def victim(client: httpx.AsyncClient, prompt: str) -> str:
+    """A streamed greedy completion; its text, once its stream has ended with ``[DONE]``."""
+    body = {"prompt": prompt, "max_tokens": VICTIM_TOKENS, "temperature": 0, "stream": True}
+    r = await client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    events = sse_data(r.text)
+    assert events[-1] == "[DONE]", events[-1]
+    return "".join(e["choices"][0]["text"] for e in events[:-1])
+
+
+def victims(client: httpx.AsyncClient) -> list[Awaitable[str]]:
+    return [victim(client, p) for p in VICTIMS]
+
+
+@pytest.fixture(scope="module")
+def alone(default_llm) -> list[str]:
+    """The victims' texts with nobody else around."""
+    return default_llm.generate_batch(VICTIMS, temperature=0, max_new_tokens=VICTIM_TOKENS)
+
+
+# -- 1. one request fails the whole batch ----------------------------------------------------------
+def test_tiny_temperatures_sample_greedily_beside_victims(default_llm, alone):
+    """1e-45 divided the logits to inf and NaN, and the error failed every request in the batch."""
+    async def scenario(client, engine):
+        tiny = [client.post("/v1/completions", json={"prompt": VICTIMS[0], "max_tokens": VICTIM_TOKENS,
+                                                     "temperature": t}) for t in (1e-45, 1e-40)]
+        return await asyncio.gather(*victims(client), *tiny), engine.metrics.outcomes["error"]
+
+    results, errors = run(default_llm, scenario)
+    assert results[:len(VICTIMS)] == alone
+    for r in results[len(VICTIMS):]:
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == alone[0]  # greedy
+    assert errors == 0
+
+
+FAILING_SEED = 666
+
+
+def test_a_failing_request_fails_alone(default_llm, alone, monkeypatch):
+    """A request whose sampling raises (here on purpose, at its fourth token) fails alone: a 500, or
+    an error event and no ``[DONE]`` when streamed; the victims decoding beside it finish."""
+    running_at_failure: list[int] = []
+    engine_of: list[Engine] = []
+    step = Request.step
+
+    def failing_step(self: Request, logits, max_seq_len: int) -> str:
+        if self.params.seed == FAILING_SEED and len(self.output_ids) == 3:
+            running_at_failure.append(engine_of[0].running)
+            raise RuntimeError("injected failure")
+        return step(self, logits, max_seq_len)
+
+    monkeypatch.setattr(Request, "step", failing_step)
+    hostile = {"prompt": VICTIMS[1], "max_tokens": VICTIM_TOKENS, "seed": FAILING_SEED}
+
+    async def scenario(client, engine):
+        engine_of.append(engine)
+        whole = client.post("/v1/completions", json=hostile)
+        streamed = client.post("/v1/completions", json={**hostile, "stream": True})
+        return await asyncio.gather(*victims(client), whole, streamed), engine.metrics.outcomes["error"]
+
+    results, errors = run(default_llm, scenario)
+    assert results[:len(VICTIMS)] == alone
+    whole, streamed = results[len(VICTIMS):]
+    assert whole.status_code == 500 and "injected failure" in whole.json()["error"]["message"]
+    events = sse_data(streamed.text)
+    assert "injected failure" in events[-1]["error"]["message"] and "[DONE]" not in events
+    assert errors == 2
+    assert max(running_at_failure) > len(VICTIMS)  # the victims were in the batch when it failed
+
+
+# -- bad input, refused before the engine ----------------------------------------------------------
+BAD = [  # (path, body, param)
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e300}, "repetition_penalty"),
+]
+
+
+def test_bad_input_is_refused_and_victims_finish(default_llm, alone):
+    async def scenario(client, engine):
+        return await asyncio.gather(*victims(client), *(client.post(path, json=body) for path, body, _ in BAD))
+
+    results = run(default_llm, scenario)
+    assert results[:len(VICTIMS)] == alone
+    for r, (path, _, param) in zip(results[len(VICTIMS):], BAD):
+        assert r.status_code == 400, (path, param, r.text[:200])
+        assert r.json()["error"]["param"] == param
