@@ -13,6 +13,8 @@ from llamita.options import option
 
 GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: dividing by them overflows float32 (vLLM's cut-off)
 PENALTY_RANGE = (0.01, 100.0)  # repetition penalties outside it overflow the logits or zero them; 1 = off
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000  # characters per stop string
 
 
 @dataclass
@@ -25,7 +27,7 @@ class SamplingParams:
     top_k: int | None = option(None, "sample among the k most likely tokens")
     repetition_penalty: float = option(1.0, "divide the logits of tokens already present (CTRL's rule; 1 = off; "
                                               f"{PENALTY_RANGE[0]} to {PENALTY_RANGE[1]})")
-    stop: list[str] = option([], "stop string (repeatable)")
+    stop: list[str] = option([], f"stop string (repeatable, up to {MAX_STOPS}, of {MAX_STOP_CHARS} characters each)")
     seed: int | None = option(None, "random seed (the same seed, the same text)")
 
     def __post_init__(self) -> None:
@@ -39,6 +41,9 @@ class SamplingParams:
             (PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1],
              f"repetition_penalty must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (len(self.stop) <= MAX_STOPS, f"stop: at most {MAX_STOPS} strings, not {len(self.stop)}"),
+            (all(len(s) <= MAX_STOP_CHARS for s in self.stop if isinstance(s, str)),
+             f"stop: at most {MAX_STOP_CHARS} characters each"),
         ]
         for ok, message in checks:
             if not ok:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from llamita.generate import Request
+from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS
 from llamita.serve.app import create_app
 from llamita.serve.engine import Engine
 
@@ -119,10 +120,30 @@ def test_a_failing_request_fails_alone(default_llm, alone, monkeypatch):
     assert max(running_at_failure) > len(VICTIMS)  # the victims were in the batch when it failed
 
 
+# -- 2. long stop strings stall everyone ----------------------------------------------------------
+def test_longest_stop_strings_beside_victims(default_llm, alone):
+    """As many stops as allowed, as long as allowed, with n=4: every answer as greedy gives it alone
+    (the per-token cost of the stops is tested in test_generate)."""
+    stops = ["x" * (MAX_STOP_CHARS - 1) + str(i) for i in range(MAX_STOPS)]
+    hostile = {"prompt": VICTIMS[2], "max_tokens": VICTIM_TOKENS, "temperature": 0, "n": 4, "stop": stops}
+
+    async def scenario(client, engine):
+        return await asyncio.gather(*victims(client), client.post("/v1/completions", json=hostile))
+
+    *texts, answer = run(default_llm, scenario)
+    assert texts == alone
+    assert answer.status_code == 200, answer.text[:200]
+    assert [c["text"] for c in answer.json()["choices"]] == [alone[2]] * 4
+
+
 # -- bad input, refused before the engine ----------------------------------------------------------
 BAD = [  # (path, body, param)
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e300}, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a"] * (MAX_STOPS + 1)}, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a" * (MAX_STOP_CHARS + 1)]}, "stop.0"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": "a" * (MAX_STOP_CHARS + 1)},
+     "stop"),
 ]
 
 

@@ -25,7 +25,7 @@ from llamita.errors import LlamitaError
 from llamita.generate import Request
 from llamita.llm import LLM
 from llamita.logprobs import Entry, Logprobs
-from llamita.sampling import PENALTY_RANGE
+from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS, PENALTY_RANGE
 from llamita.serve.engine import EngineStopped, QueueFull, Stream
 from llamita.tokenizer import Tokenizer
 
@@ -54,7 +54,7 @@ class Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class Sampling(Body):
@@ -65,7 +65,7 @@ class Sampling(Body):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
     repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
