@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token stands for (a token's stored form is never shorter than its
+        text), so text over ``n`` times this cannot fit in ``n`` tokens: a bound known before tokenizing."""
+        return max(len(self.id_to_token(i) or "") for i in range(self.vocab_size))
 
     def save_tokenizer_json(self, path: str | Path) -> None:
         """Write the vocabulary as an HF ``tokenizer.json`` (byte-level BPE / tokenizer.json sources)."""

@@ -2,13 +2,16 @@
 
 In process (the app over ``default_llm``, its engine thread running, httpx's ASGI transport), so
 the victims' answers compare exactly with ``LLM.generate_batch``. Nothing waits on timing: the
-engine's own counts say what ran together.
+engine's own counts say what ran together, and where time is the point the victims are timed
+against themselves alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -19,6 +22,7 @@ from llamita.generate import Request
 from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS
 from llamita.serve.app import create_app
 from llamita.serve.engine import Engine
+from llamita.tokenizer import Tokenizer
 
 VICTIMS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,"]
 VICTIM_TOKENS = 24
@@ -134,6 +138,53 @@ def test_longest_stop_strings_beside_victims(default_llm, alone):
     assert texts == alone
     assert answer.status_code == 200, answer.text[:200]
     assert [c["text"] for c in answer.json()["choices"]] == [alone[2]] * 4
+
+
+# -- 3. big messages freeze other streams ----------------------------------------------------------
+JSON = {"content-type": "application/json"}
+
+
+def test_big_messages_are_refused_without_holding_the_event_loop(default_llm, alone, monkeypatch):
+    """Three clients looping 900 KB messages, next to the victims: the messages are refused by their
+    length before any tokenizing, no tokenizing runs on the event loop's thread, and the victims take
+    little longer than alone (the messages were tokenized on the event loop, which froze every stream)."""
+    tokenized: list[tuple[bool, int]] = []  # (on the event loop's thread, characters) of each text tokenized
+    loop_thread: list[int] = []
+    encode = Tokenizer.encode
+
+    def recording(self: Tokenizer, text: str, *args, **kwargs) -> list[int]:
+        tokenized.append((threading.get_ident() in loop_thread, len(text)))
+        return encode(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "encode", recording)
+    big = json.dumps({"messages": [{"role": "user", "content": "hello " * 150_000}]}).encode()
+
+    async def hostile(client: httpx.AsyncClient) -> list[str | None]:
+        codes = []
+        for _ in range(4):
+            r = await client.post("/v1/chat/completions", content=big, headers=JSON)
+            codes.append(r.json()["error"]["code"])
+        return codes
+
+    async def timed(work: list[Awaitable[Any]]) -> tuple[list[Any], float]:
+        start = time.perf_counter()
+        results = await asyncio.gather(*work)
+        return results, time.perf_counter() - start
+
+    async def scenario(client, engine):
+        loop_thread.append(threading.get_ident())
+        await asyncio.gather(*victims(client))  # warm: the same prompts, cached alike in both runs below
+        by_themselves = await timed(victims(client))
+        beside_hostile = await timed([*victims(client), *(hostile(client) for _ in range(3))])
+        return by_themselves, beside_hostile
+
+    (texts_alone, time_alone), (results, time_beside) = run(default_llm, scenario)
+    assert texts_alone == alone and results[:len(VICTIMS)] == alone
+    assert results[len(VICTIMS):] == [["context_length_exceeded"] * 4] * 3
+    limit = 256 * default_llm.tokenizer.longest_token_chars  # the app's window, 256 tokens
+    assert tokenized and not any(on_loop for on_loop, _ in tokenized)
+    assert max(chars for _, chars in tokenized) <= limit
+    assert time_beside < 3 * time_alone, (time_beside, time_alone)
 
 
 # -- bad input, refused before the engine ----------------------------------------------------------

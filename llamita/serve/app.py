@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -61,14 +62,18 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
     engine = Engine(llm.model, config or EngineConfig(**engine_options))
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="llamita-tokenize")
         engine.start()
         yield
         engine.stop()
+        app.state.tokenizing.shutdown(cancel_futures=True)
 
     app = FastAPI(title="llamita", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.llm, app.state.engine, app.state.model_name, app.state.started = llm, engine, model_name, int(time.time())
+    # A prompt of more characters cannot fit in the window: refused before it is tokenized (routes.check_size).
+    app.state.max_prompt_chars = engine.max_seq_len * llm.tokenizer.longest_token_chars
     add_error_handlers(app, max_body_bytes)
     app.include_router(router)
     return app
