@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import sys
 import time
 
 import pytest
@@ -248,3 +250,26 @@ def test_stop_strings_are_bounded():
         SamplingParams(stop=["a"] * (MAX_STOPS + 1))
     with pytest.raises(LlamitaError, match=f"at most {MAX_STOP_CHARS} characters"):
         SamplingParams(stop=["a" * (MAX_STOP_CHARS + 1)])
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin; the C locale's
+def test_cli_refuses_stdin_that_is_not_utf8(default_llm, monkeypatch, capsys, command, errors):
+    """Latin-1 bytes on stdin ended in a UnicodeDecodeError's traceback, or as surrogates in the tokenizer's."""
+    from llamita import cli
+
+    monkeypatch.setattr(cli, "load_llm", lambda args: default_llm)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n"), "utf-8", errors))
+    assert cli.main([command, "--max-new-tokens", "2"]) == 2
+    error = "llamita: error: stdin is not UTF-8 text: byte b'\\xe9' (invalid continuation byte)\n"
+    assert capsys.readouterr().err == error
+
+
+def test_cli_refuses_a_prompt_that_is_not_unicode(default_llm, monkeypatch, capsys):
+    """An argument of undecodable bytes reaches Python as surrogates, which the tokenizer failed on."""
+    from llamita import cli
+
+    monkeypatch.setattr(cli, "load_llm", lambda args: default_llm)
+    assert cli.main(["generate", "caf\udce9", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == ("llamita: error: cannot tokenize: an unpaired surrogate (U+DCE9) at character 3 "
+                                       "is not valid Unicode text\n")

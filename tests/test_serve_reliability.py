@@ -187,6 +187,14 @@ def test_big_messages_are_refused_without_holding_the_event_loop(default_llm, al
     assert time_beside < 3 * time_alone, (time_beside, time_alone)
 
 
+# -- 4. unpaired surrogates ------------------------------------------------------------------------
+def refused(client: httpx.AsyncClient, path: str, body: dict) -> Awaitable[httpx.Response]:
+    """``body`` sent as JSON with non-ASCII escaped, as ``"\\ud800"`` must be (it is no UTF-8)."""
+    return client.post(path, content=json.dumps(body), headers=JSON)
+
+
+LONE = "caf\ud800"  # valid JSON once escaped, not Unicode
+
 # -- bad input, refused before the engine ----------------------------------------------------------
 BAD = [  # (path, body, param)
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 1e-300}, "repetition_penalty"),
@@ -195,15 +203,23 @@ BAD = [  # (path, body, param)
     ("/v1/completions", {"prompt": "hi", "stop": ["a" * (MAX_STOP_CHARS + 1)]}, "stop.0"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": "a" * (MAX_STOP_CHARS + 1)},
      "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONE}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": ["hi", LONE]}, "prompt.1"),
+    ("/predict", {"text": LONE}, "text"),
 ]
 
 
 def test_bad_input_is_refused_and_victims_finish(default_llm, alone):
     async def scenario(client, engine):
-        return await asyncio.gather(*victims(client), *(client.post(path, json=body) for path, body, _ in BAD))
+        return await asyncio.gather(*victims(client), *(refused(client, path, body) for path, body, _ in BAD))
 
     results = run(default_llm, scenario)
     assert results[:len(VICTIMS)] == alone
-    for r, (path, _, param) in zip(results[len(VICTIMS):], BAD):
+    for r, (path, body, param) in zip(results[len(VICTIMS):], BAD):
         assert r.status_code == 400, (path, param, r.text[:200])
         assert r.json()["error"]["param"] == param
+        if LONE in json.dumps(body, ensure_ascii=False):
+            assert "unpaired surrogate (U+D800)" in r.json()["error"]["message"]

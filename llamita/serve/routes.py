@@ -18,7 +18,7 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal, TypeVar, Un
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.types import Receive, Scope, Send
 
 from llamita.errors import LlamitaError
@@ -27,7 +27,7 @@ from llamita.llm import LLM
 from llamita.logprobs import Entry, Logprobs
 from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS, PENALTY_RANGE
 from llamita.serve.engine import EngineStopped, QueueFull, Stream
-from llamita.tokenizer import Tokenizer
+from llamita.tokenizer import Tokenizer, surrogate_error, unpaired_surrogate
 
 MAX_N = 8  # choices per request: each takes a cache row of its own
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI allows 5, vLLM 20)
@@ -55,7 +55,16 @@ class Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+def unicode_only(text: str) -> str:
+    """Refuses unpaired surrogates (``"\\ud800"`` is valid JSON but not Unicode): a 400, not a
+    tokenizer's failure."""
+    if (at := unpaired_surrogate(text)) is not None:
+        raise ValueError(surrogate_error(text, at))
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_only)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class Sampling(Body):
@@ -83,12 +92,12 @@ class OpenAIBody(Sampling):
 
 class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -118,8 +127,8 @@ def prompt_form(value: Any) -> str:
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # below the vocabulary: checked later
-Prompt = Annotated[Union[Annotated[str, Tag("str")],
-                         Annotated[list[str], Field(min_length=1, max_length=MAX_N), Tag("list[str]")],
+Prompt = Annotated[Union[Annotated[Text, Tag("str")],
+                         Annotated[list[Text], Field(min_length=1, max_length=MAX_N), Tag("list[str]")],
                          Annotated[TokenIds, Tag("list[int]")],
                          Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_N), Tag("list[list[int]]")]],
                    Discriminator(prompt_form)]
@@ -133,7 +142,7 @@ class CompletionBody(OpenAIBody):
 
 
 class PredictBody(Sampling):
-    text: str
+    text: Text
 
 
 # -- answers ------------------------------------------------------------------------------------
