@@ -12,7 +12,7 @@ from typing import Callable
 
 from llamita.errors import LlamitaError
 from llamita.sampling import SamplingParams
-from llamita.serve.engine import EngineConfig
+from llamita.serve.engine import Connections, EngineConfig
 from llamita.train import TrainConfig
 
 
@@ -263,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     add_options(p, EngineConfig)
+    add_options(p, Connections)
     p.set_defaults(func=cmd_serve)
 
     add_eval_parsers(sub)
@@ -273,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llamita.serve.app import serve
 
     serve(load_llm(args), source=args.model, host=args.host, port=args.port,
-          config=EngineConfig(**options_of(args, EngineConfig)))
+          config=EngineConfig(**options_of(args, EngineConfig)), limits=Connections(**options_of(args, Connections)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,25 +3,28 @@
 In process (the app over ``default_llm``, its engine thread running, httpx's ASGI transport), so
 the victims' answers compare exactly with ``LLM.generate_batch``. Nothing waits on timing: the
 engine's own counts say what ran together, and where time is the point the victims are timed
-against themselves alone.
+against themselves alone. Slow clients meet the app under uvicorn, in a thread, on loopback.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import select
+import socket
 import threading
 import time
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
 
 import httpx
 import pytest
 
+from helpers import free_port, poll
 from llamita.generate import Request
 from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS
-from llamita.serve.app import create_app
-from llamita.serve.engine import Engine
+from llamita.serve.app import create_app, server_config
+from llamita.serve.engine import Connections, Engine
 from llamita.tokenizer import Tokenizer
 
 VICTIMS = ["Once upon a time", "The capital of France is", "1, 2, 3, 4,"]
@@ -223,3 +226,81 @@ def test_bad_input_is_refused_and_victims_finish(default_llm, alone):
         assert r.json()["error"]["param"] == param
         if LONE in json.dumps(body, ensure_ascii=False):
             assert "unpaired surrogate (U+D800)" in r.json()["error"]["message"]
+
+
+# -- 5. slow clients ---------------------------------------------------------------------------------
+@contextmanager
+def uvicorn_serving(llm, limits: Connections) -> Iterator[str]:
+    """The app under uvicorn as ``llamita serve`` configures it, in a thread; its base URL."""
+    import uvicorn
+
+    port = free_port()
+    app = create_app(llm, max_batch=2, max_seq_len=256)
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, limits))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        poll(lambda: server.started, "uvicorn to start")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def until_closed(sockets: list[socket.socket], trickle: bytes = b"") -> list[socket.socket]:
+    """Sends each socket ``trickle`` every round (a tenth of a second at most) until the server has
+    closed them all, or 300 rounds have passed; the sockets still open."""
+    left = list(sockets)
+    for _ in range(300):
+        for s in list(left):
+            try:
+                s.sendall(trickle)
+            except OSError:
+                left.remove(s)
+        if not left:
+            break
+        readable, _, _ = select.select(left, [], [], 0.1)
+        for s in readable:
+            try:
+                gone = s.recv(4096) == b""
+            except OSError:
+                gone = True
+            if gone:
+                left.remove(s)
+        if not left:
+            break
+    for s in sockets:
+        if s not in left:
+            s.close()
+    return left
+
+
+def test_slow_clients_are_cut_off_and_the_others_served(default_llm):
+    """Connections trickling their headers were held forever; now they are closed at the header
+    deadline, idle kept-alive ones at the idle timeout, and past the cap a request gets a 503."""
+    limits = Connections(header_timeout=2.0, idle_timeout=1.0, max_connections=12)
+    expected = default_llm.generate(VICTIMS[0], temperature=0, max_new_tokens=4)
+    body = {"prompt": VICTIMS[0], "max_tokens": 4, "temperature": 0}
+    with uvicorn_serving(default_llm, limits) as url:
+        port = int(url.rsplit(":", 1)[1])
+
+        def connect(n: int) -> list[socket.socket]:
+            return [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+
+        slow = connect(10)
+        for s in slow:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: llamita\r\nX-Slow: ")
+        with httpx.Client(timeout=300) as client:  # beside them, two requests on one kept-alive connection
+            for _ in range(2):
+                r = client.post(f"{url}/v1/completions", json=body)
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected
+        assert until_closed(slow, trickle=b"x") == []
+
+        silent = connect(limits.max_connections)  # the cap reached by connections that say nothing
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=300).status_code == 503
+        assert until_closed(silent) == []
+        assert httpx.get(f"{url}/health").status_code == 200
+
+        idle = connect(1)
+        idle[0].sendall(b"GET /health HTTP/1.1\r\nHost: llamita\r\n\r\n")
+        assert until_closed(idle) == []  # answered, then closed once idle

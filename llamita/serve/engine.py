@@ -136,6 +136,22 @@ class EngineConfig:
                 raise LlamitaError(f"{name} must be at least {least}, not {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class Connections:
+    """The HTTP server's limits on connections (``llamita serve``'s flags too): uvicorn, left to
+    itself, holds a connection whose client trickles its headers forever, and any number of them."""
+
+    header_timeout: float = option(10.0, "seconds a connection has for a request's headers, from its opening or "
+                                         "its last response")
+    idle_timeout: float = option(5.0, "seconds a kept-alive connection may wait for its next request")
+    max_connections: int = option(256, "open connections (or requests in flight) past which requests get a 503")
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "idle_timeout", "max_connections"):
+            if not getattr(self, name) > 0:
+                raise LlamitaError(f"{name} must be positive, not {getattr(self, name)}")
+
+
 class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
