@@ -147,6 +147,7 @@ def test_longest_stop_strings_beside_victims(default_llm, alone):
 JSON = {"content-type": "application/json"}
 
 
+@pytest.mark.slow  # victims three times over, beside 12 requests of 900 KB
 def test_big_messages_are_refused_without_holding_the_event_loop(default_llm, alone, monkeypatch):
     """Three clients looping 900 KB messages, next to the victims: the messages are refused by their
     length before any tokenizing, no tokenizing runs on the event loop's thread, and the victims take
@@ -275,6 +276,7 @@ def until_closed(sockets: list[socket.socket], trickle: bytes = b"") -> list[soc
     return left
 
 
+@pytest.mark.slow  # a server on loopback, and its deadlines to run out
 def test_slow_clients_are_cut_off_and_the_others_served(default_llm):
     """Connections trickling their headers were held forever; now they are closed at the header
     deadline, idle kept-alive ones at the idle timeout, and past the cap a request gets a 503."""
