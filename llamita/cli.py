@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import io
 import sys
 import typing
+from typing import Callable
 
 from llamita.errors import LlamitaError
 from llamita.sampling import SamplingParams
-from llamita.serve.engine import EngineConfig
+from llamita.serve.engine import Connections, EngineConfig
 from llamita.train import TrainConfig
 
 
@@ -86,9 +89,24 @@ def load_llm(args: argparse.Namespace):
                     adapter=args.adapter, compile=getattr(args, "compile", False))
 
 
+STRICT_UTF8 = ("utf-8", "strict")
+
+
+def from_stdin(read: Callable[[], str]) -> str:
+    """``read()`` from stdin, decoded as UTF-8 whatever the locale: bytes that are not UTF-8 end in
+    a one-line error here, not in a traceback (or as surrogates the tokenizer refuses later)."""
+    stdin = sys.stdin
+    if isinstance(stdin, io.TextIOWrapper) and (codecs.lookup(stdin.encoding).name, stdin.errors) != STRICT_UTF8:
+        stdin.reconfigure(encoding="utf-8", errors="strict")  # before its first read: the next calls find it so
+    try:
+        return read()
+    except UnicodeDecodeError as e:
+        raise LlamitaError(f"stdin is not UTF-8 text: byte {e.object[e.start:e.start + 1]!r} ({e.reason})") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    prompt = args.prompt if args.prompt is not None else from_stdin(sys.stdin.read)
     llm = load_llm(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     for text in llm.stream(prompt, **sampling_options(args)):
         print(text, end="", flush=True)
     print()
@@ -107,7 +125,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         print("llamita chat: /reset clears the history, /system TEXT sets the system prompt, /exit quits." + one)
     while True:
         try:
-            line = input("you> " if interactive else "")
+            line = from_stdin(lambda: input("you> " if interactive else ""))
         except EOFError:
             break
         line = line.strip()
@@ -245,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     add_options(p, EngineConfig)
+    add_options(p, Connections)
     p.set_defaults(func=cmd_serve)
 
     add_eval_parsers(sub)
@@ -255,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llamita.serve.app import serve
 
     serve(load_llm(args), source=args.model, host=args.host, port=args.port,
-          config=EngineConfig(**options_of(args, EngineConfig)))
+          config=EngineConfig(**options_of(args, EngineConfig)), limits=Connections(**options_of(args, Connections)))
 
 
 def main(argv: list[str] | None = None) -> int:

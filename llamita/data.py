@@ -21,7 +21,7 @@ from torch import Tensor
 
 from llamita.chat import Message, alpaca_prompt, encode_chat, resolve_template
 from llamita.errors import LlamitaError
-from llamita.tokenizer import Tokenizer
+from llamita.tokenizer import Tokenizer, surrogate_error, unpaired_surrogate
 
 IGNORE = -100  # cross_entropy's ignore_index
 FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
@@ -102,6 +102,8 @@ def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
         raise LlamitaError(f"{where}: missing field {key!r}")
     if not isinstance(value, str):
         raise LlamitaError(f"{where}: field {key!r} must be a string, not {type(value).__name__}")
+    if (at := unpaired_surrogate(value)) is not None:
+        raise LlamitaError(f"{where}: field {key!r}: {surrogate_error(value, at)}")
     return value
 
 

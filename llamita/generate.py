@@ -26,30 +26,55 @@ from llamita.tokenizer import StreamDecoder, Tokenizer
 class StopMatcher:
     """Finds stop strings in streamed text, also when one is split across tokens.
 
-    Text that could still be the start of a stop string is held back until it cannot be.
+    Text that could still be the start of a stop string is held back until it cannot be. Each stop
+    string has a Knuth-Morris-Pratt automaton whose state (how much of it the text ends with) moves
+    one character at a time, so a token costs time linear in its new text, however long the stops.
     """
 
     def __init__(self, stops: list[str]):
         self.stops = stops
-        self.pending = ""
+        self.tables = [_prefix_table(s) for s in stops]
+        self.states = [0] * len(stops)  # per stop: the length of its longest prefix the text ends with
+        self.pending = ""  # the text held back: its last max(states) characters
 
     def push(self, text: str) -> tuple[str, bool]:
         """(text safe to emit, whether a stop string was reached)."""
+        start = len(self.pending)
         self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
+        for end, char in enumerate(text, start + 1):
+            for j, stop in enumerate(self.stops):
+                if self._advance(j, char) == len(stop):
+                    return self._cut(end - len(stop)), True
+        hold = max(self.states, default=0)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
         return out, False
 
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
+    def _advance(self, j: int, char: str) -> int:
+        """Stop ``j``'s state after ``char``."""
+        stop, table, k = self.stops[j], self.tables[j], self.states[j]
+        while k and stop[k] != char:
+            k = table[k - 1]
+        self.states[j] = k = k + (stop[k] == char)
+        return k
+
+    def _cut(self, at: int) -> str:
+        """The text before a stop string found at ``at``; nothing is held any more."""
+        out, self.pending, self.states = self.pending[:at], "", [0] * len(self.stops)
         return out
+
+    def flush(self) -> str:
+        return self._cut(len(self.pending))
+
+
+def _prefix_table(s: str) -> list[int]:
+    """KMP's failure function: for each s[:i+1], the length of its longest proper prefix that is also its suffix."""
+    table, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        k += s[i] == s[k]
+        table[i] = k
+    return table
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,17 +11,23 @@ from torch import Tensor
 from llamita.errors import LlamitaError
 from llamita.options import option
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily: dividing by them overflows float32 (vLLM's cut-off)
+PENALTY_RANGE = (0.01, 100.0)  # repetition penalties outside it overflow the logits or zero them; 1 = off
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000  # characters per stop string
+
 
 @dataclass
 class SamplingParams:
     """How one request samples. Defaults are Meta's chat defaults (temperature 0.6, top-p 0.9)."""
 
     max_new_tokens: int = option(256, "tokens to generate at most")
-    temperature: float = option(0.6, "0 = greedy")
+    temperature: float = option(0.6, f"0 = greedy (so is anything below {GREEDY_BELOW})")
     top_p: float = option(0.9, "nucleus sampling: the smallest set of tokens with this much probability")
     top_k: int | None = option(None, "sample among the k most likely tokens")
-    repetition_penalty: float = option(1.0, "divide the logits of tokens already present (CTRL's rule; 1 = off)")
-    stop: list[str] = option([], "stop string (repeatable)")
+    repetition_penalty: float = option(1.0, "divide the logits of tokens already present (CTRL's rule; 1 = off; "
+                                              f"{PENALTY_RANGE[0]} to {PENALTY_RANGE[1]})")
+    stop: list[str] = option([], f"stop string (repeatable, up to {MAX_STOPS}, of {MAX_STOP_CHARS} characters each)")
     seed: int | None = option(None, "random seed (the same seed, the same text)")
 
     def __post_init__(self) -> None:
@@ -28,11 +35,15 @@ class SamplingParams:
             self.stop = [self.stop]
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
-            (self.temperature >= 0, "temperature must be >= 0"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature must be a number >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (self.top_k is None or self.top_k >= 1, "top_k must be at least 1"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1],
+             f"repetition_penalty must be in [{PENALTY_RANGE[0]}, {PENALTY_RANGE[1]}]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be non-empty strings"),
+            (len(self.stop) <= MAX_STOPS, f"stop: at most {MAX_STOPS} strings, not {len(self.stop)}"),
+            (all(len(s) <= MAX_STOP_CHARS for s in self.stop if isinstance(s, str)),
+             f"stop: at most {MAX_STOP_CHARS} characters each"),
         ]
         for ok, message in checks:
             if not ok:
@@ -61,7 +72,7 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, s
     logits = logits.float()
     if seen is not None:
         logits = penalize_repetition(logits, seen, params.repetition_penalty)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:

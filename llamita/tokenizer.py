@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,21 @@ class _Tokenizers:
         return self.tok.token_to_id(token)
 
 
+def unpaired_surrogate(text: str) -> int | None:
+    """Where ``text`` holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``, or undecodable bytes
+    read with ``surrogateescape``), which is not Unicode and which no tokenizer can encode; None if nowhere."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
+def surrogate_error(text: str, at: int) -> str:
+    """What is wrong at ``at`` (the character escaped: it cannot be written out as UTF-8 either)."""
+    return f"an unpaired surrogate (U+{ord(text[at]):04X}) at character {at} is not valid Unicode text"
+
+
 class Tokenizer:
     """Text <-> ids for one checkpoint, with what generation and chat need to know about it.
 
@@ -131,6 +147,8 @@ class Tokenizer:
         self.vocab_size: int = backend.vocab_size
 
     def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
+        if (at := unpaired_surrogate(text)) is not None:
+            raise LlamitaError(f"cannot tokenize: {surrogate_error(text, at)}")
         ids = self._backend.encode(text, special)
         if bos:
             ids = [self._require(self.bos_id, "BOS")] + ids
@@ -147,6 +165,12 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    @cached_property
+    def longest_token_chars(self) -> int:
+        """The most characters one token stands for (a token's stored form is never shorter than its
+        text), so text over ``n`` times this cannot fit in ``n`` tokens: a bound known before tokenizing."""
+        return max(len(self.id_to_token(i) or "") for i in range(self.vocab_size))
 
     def save_tokenizer_json(self, path: str | Path) -> None:
         """Write the vocabulary as an HF ``tokenizer.json`` (byte-level BPE / tokenizer.json sources)."""

@@ -138,6 +138,10 @@ def test_collate_pads_right_without_loss():
      r"b.jsonl:1: messages\[1\]: field 'role' is 'bot'"),
     ('{"messages": [{"role": "user", "content": "a"}]}\n', r"b.jsonl:1: field 'messages' has no assistant turn"),
     ('{"conversations": [{"from": "human", "value": 3}]}\n', r"b.jsonl:1: conversations\[0\]: field 'value' must be"),
+    ('{"instruction": "a", "output": "b\\ud800"}\n',  # valid JSON, not Unicode: the tokenizer failed on it
+     r"b.jsonl:1: field 'output': an unpaired surrogate \(U\+D800\) at character 1"),
+    ('{"messages": [{"role": "user", "content": "\\udc00"}, {"role": "assistant", "content": "b"}]}\n',
+     r"b.jsonl:1: messages\[0\]: field 'content': an unpaired surrogate \(U\+DC00\)"),
 ])
 def test_bad_records(smol, tmp_path, content, message):
     (tmp_path / "b.jsonl").write_text(content)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import sys
+import time
+
 import pytest
 import torch
 
@@ -9,7 +13,7 @@ from helpers import run_cli
 from llamita import LlamitaError
 from llamita.generate import Request, StopMatcher, generate
 from llamita.llm import LLM
-from llamita.sampling import SamplingParams
+from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS, SamplingParams
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -211,3 +215,61 @@ def test_repetition_penalty_matches_transformers(default_llm, hf_default_model, 
     assert len(new) == 24 and not set(new) & set(hf_smol.all_special_ids)  # no stop: both ran 24 tokens
     assert ours == hf_smol.decode(new)
     assert ours != default_llm.generate(prompt, temperature=0, max_new_tokens=24)  # the penalty changed the text
+
+
+def test_stop_matcher_finds_the_first_stop_across_tokens():
+    m = StopMatcher(["abcd", "cx"])
+    assert m.push("zab") == ("z", False)  # "ab" may start "abcd"
+    assert m.push("c") == ("", False)
+    assert m.push("x") == ("ab", True)  # "cx" ends first: the text before it
+    assert StopMatcher(["aaab"]).push("aaaaab") == ("aa", True)  # a partial match that fails falls back
+
+
+def stream_cost(stops: list[str], tokens: int = 200) -> float:
+    """Seconds to push ``tokens`` tokens of "a"s through a StopMatcher (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        m = StopMatcher(stops)
+        for _ in range(tokens):
+            m.push("aaaa")
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def test_stop_matcher_cost_per_token_does_not_grow_with_the_stops_length():
+    """Long stops that the text keeps almost matching ("aaa...ab") cost a token O(length²) before:
+    16 stops of 60,000 characters stalled every other request on the engine thread."""
+    short = stream_cost(["a" * 9 + str(i) for i in range(MAX_STOPS)])
+    long = stream_cost(["a" * (MAX_STOP_CHARS - 1) + str(i) for i in range(MAX_STOPS)])
+    assert long < 4 * short, (long, short)
+
+
+def test_stop_strings_are_bounded():
+    with pytest.raises(LlamitaError, match=f"at most {MAX_STOPS} strings"):
+        SamplingParams(stop=["a"] * (MAX_STOPS + 1))
+    with pytest.raises(LlamitaError, match=f"at most {MAX_STOP_CHARS} characters"):
+        SamplingParams(stop=["a" * (MAX_STOP_CHARS + 1)])
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin; the C locale's
+def test_cli_refuses_stdin_that_is_not_utf8(default_llm, monkeypatch, capsys, command, errors):
+    """Latin-1 bytes on stdin ended in a UnicodeDecodeError's traceback, or as surrogates in the tokenizer's."""
+    from llamita import cli
+
+    monkeypatch.setattr(cli, "load_llm", lambda args: default_llm)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\n"), "utf-8", errors))
+    assert cli.main([command, "--max-new-tokens", "2"]) == 2
+    error = "llamita: error: stdin is not UTF-8 text: byte b'\\xe9' (invalid continuation byte)\n"
+    assert capsys.readouterr().err == error
+
+
+def test_cli_refuses_a_prompt_that_is_not_unicode(default_llm, monkeypatch, capsys):
+    """An argument of undecodable bytes reaches Python as surrogates, which the tokenizer failed on."""
+    from llamita import cli
+
+    monkeypatch.setattr(cli, "load_llm", lambda args: default_llm)
+    assert cli.main(["generate", "caf\udce9", "--max-new-tokens", "2"]) == 2
+    assert capsys.readouterr().err == ("llamita: error: cannot tokenize: an unpaired surrogate (U+DCE9) at character 3 "
+                                       "is not valid Unicode text\n")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from llamita.sampling import SamplingParams, penalize_repetition, sample
+from llamita.errors import LlamitaError
+from llamita.sampling import GREEDY_BELOW, PENALTY_RANGE, SamplingParams, penalize_repetition, sample
 
 
 def logits_for(probs: list[float], vocab: int = 1000) -> torch.Tensor:
@@ -45,3 +47,23 @@ def test_repetition_penalty_as_ctrl_defines_it():
     logits = torch.tensor([2.0, -2.0, 1.0])
     seen = torch.tensor([True, True, False])
     assert penalize_repetition(logits, seen, 2.0).tolist() == [1.0, -4.0, 1.0]
+
+
+def test_temperatures_below_the_cut_off_sample_greedily():
+    """Dividing by 1e-45 made the logits inf and the probabilities NaN."""
+    logits = logits_for([0.4, 0.3, 0.2])
+    for t in (1e-45, 1e-40, GREEDY_BELOW / 2):
+        assert draws(logits, n=5, temperature=t) == {0}
+    assert draws(logits, n=5, temperature=GREEDY_BELOW, top_p=1.0) == {0}  # sampled, from finite probabilities
+
+
+def test_repetition_penalty_is_bounded():
+    for bad in (1e-300, 0.0, 1e300, PENALTY_RANGE[0] / 2, PENALTY_RANGE[1] * 2, math.nan):
+        with pytest.raises(LlamitaError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad)
+    logits, seen = torch.tensor([30.0, -30.0, 1.0]), torch.tensor([True, True, False])
+    for penalty in PENALTY_RANGE:  # at either end, the smallest temperature still samples from finite numbers
+        params = SamplingParams(repetition_penalty=penalty, temperature=GREEDY_BELOW, top_p=1.0)
+        assert sample(logits, params, torch.Generator().manual_seed(0), seen) in (0, 2)
+        scaled = penalize_repetition(logits, seen, penalty) / GREEDY_BELOW
+        assert torch.isfinite(scaled).all() and torch.isfinite(torch.softmax(scaled, -1)).all()

@@ -6,11 +6,13 @@ live in ``routes.py``, the batching in ``engine.py``.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -22,8 +24,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamita.assets import DEFAULT_MODEL_NAME
 from llamita.llm import LLM
-from llamita.serve.engine import Engine, EngineConfig
+from llamita.serve.engine import Connections, Engine, EngineConfig
 from llamita.serve.routes import ApiError, router, too_large
+
+if TYPE_CHECKING:
+    import uvicorn
 
 MAX_BODY_BYTES = 1 << 20
 _UNION_TAG = re.compile(r"^(str|int|float|bool)$|[-\[]")  # pydantic's names for union branches in an error's loc
@@ -61,14 +66,18 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
     engine = Engine(llm.model, config or EngineConfig(**engine_options))
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="llamita-tokenize")
         engine.start()
         yield
         engine.stop()
+        app.state.tokenizing.shutdown(cancel_futures=True)
 
     app = FastAPI(title="llamita", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.llm, app.state.engine, app.state.model_name, app.state.started = llm, engine, model_name, int(time.time())
+    # A prompt of more characters cannot fit in the window: refused before it is tokenized (routes.check_size).
+    app.state.max_prompt_chars = engine.max_seq_len * llm.tokenizer.longest_token_chars
     add_error_handlers(app, max_body_bytes)
     app.include_router(router)
     return app
@@ -104,9 +113,64 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return ApiError(500, f"internal error: {type(e).__name__}", type="server_error").response()
 
 
-def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (``config``, or EngineConfig's fields)."""
+def server_config(app: ASGIApp, host: str, port: int, limits: Connections | None = None) -> uvicorn.Config:
+    """uvicorn's configuration for ``app``, with ``limits`` on its connections (default: Connections())."""
+    import uvicorn
+
+    limits = limits or Connections()
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", http=protocol_class(),
+                            timeout_keep_alive=limits.idle_timeout, limit_concurrency=limits.max_connections)
+    config.header_timeout = limits.header_timeout
+    return config
+
+
+def protocol_class() -> type:
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's headers (imported late: only
+    ``serve`` needs uvicorn)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        """Closes a connection whose request's headers are not all there ``config.header_timeout``
+        seconds after it opened or after its last response (however slowly they trickle in)."""
+
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:  # not a pipelined request
+                self.arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self.disarm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.disarm()
+            super().connection_lost(exc)
+
+        def arm(self) -> None:
+            self.disarm()
+            self.deadline = self.loop.call_later(self.config.header_timeout, self.transport.close)
+
+        def disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+    return HeaderDeadline
+
+
+def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          limits: Connections | None = None, **options) -> None:
+    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (``config``, or EngineConfig's
+    fields); ``limits``: on its connections."""
     import uvicorn
 
     name = Path(source).name if source else DEFAULT_MODEL_NAME
-    uvicorn.run(create_app(llm, model_name=name, **options), host=host, port=port, log_level="info")
+    uvicorn.Server(server_config(create_app(llm, model_name=name, **options), host, port, limits)).run()

@@ -136,6 +136,22 @@ class EngineConfig:
                 raise LlamitaError(f"{name} must be at least {least}, not {getattr(self, name)}")
 
 
+@dataclass(frozen=True)
+class Connections:
+    """The HTTP server's limits on connections (``llamita serve``'s flags too): uvicorn, left to
+    itself, holds a connection whose client trickles its headers forever, and any number of them."""
+
+    header_timeout: float = option(10.0, "seconds a connection has for a request's headers, from its opening or "
+                                         "its last response")
+    idle_timeout: float = option(5.0, "seconds a kept-alive connection may wait for its next request")
+    max_connections: int = option(256, "open connections (or requests in flight) past which requests get a 503")
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "idle_timeout", "max_connections"):
+            if not getattr(self, name) > 0:
+                raise LlamitaError(f"{name} must be positive, not {getattr(self, name)}")
+
+
 class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
@@ -197,7 +213,7 @@ class Engine:
                         self._admit()
                         if self.running:
                             self._decode()
-                    except Exception as e:  # a failure fails the requests in flight, not the server
+                    except Exception as e:  # a decoding pass failed: the requests it ran fail, not the server
                         self._fail_all(e)
         finally:
             self.cache = None
@@ -242,7 +258,12 @@ class Engine:
             return
         requests = [job.request for _, job in admitted]
         rows = torch.tensor([row for row, _ in admitted], device=self.cache.device)
-        logits = prefill(self.model, self.cache, requests, rows=rows, cached=cached)
+        try:
+            logits = prefill(self.model, self.cache, requests, rows=rows, cached=cached)
+        except Exception as e:  # the requests prefilled together fail; those already decoding go on
+            for row, job in admitted:
+                self._fail(row, job, e)
+            return
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self.metrics.prompt_tokens_cached += sum(cached)
@@ -266,17 +287,24 @@ class Engine:
         self._sample(running, logits[[row for row, _ in running]])
 
     def _sample(self, jobs: list[tuple[int, Job]], logits: torch.Tensor) -> None:
-        """Each request picks its next token from its row of ``logits``; text goes to its stream."""
+        """Each request picks its next token from its row of ``logits``; text goes to its stream.
+        A request whose step fails fails alone: the others in the batch go on."""
         logits = logits.float().cpu()
         for i, (row, job) in enumerate(jobs):
-            r = job.request
-            text = r.step(logits[i], self.max_seq_len)
-            self.metrics.generated_tokens += not r.prompt_only
-            if text or r.finish_reason:
-                job.stream.push(Event(job.index, text, r.finish_reason))
-            if r.finish_reason:
-                with self._wake:
-                    self._finish(row, r.finish_reason)
+            try:
+                self._step(row, job, logits[i])
+            except Exception as e:
+                self._fail(row, job, e)
+
+    def _step(self, row: int, job: Job, logits: torch.Tensor) -> None:
+        r = job.request
+        text = r.step(logits, self.max_seq_len)
+        self.metrics.generated_tokens += not r.prompt_only
+        if text or r.finish_reason:
+            job.stream.push(Event(job.index, text, r.finish_reason))
+        if r.finish_reason:
+            with self._wake:
+                self._finish(row, r.finish_reason)
 
     def _finish(self, row: int, outcome: str) -> None:
         # What the row's cache holds now; after an error, nothing.
@@ -285,12 +313,20 @@ class Engine:
         self.rows[row] = None
         self.metrics.outcomes[outcome] += 1
 
-    def _fail_all(self, error: Exception, waiting: bool = False) -> None:
+    def _fail(self, row: int, job: Job, error: Exception) -> None:
+        """Fail one request: its stream gets the error, its row is freed (its cache forgotten)."""
         with self._wake:
-            jobs = [(row, job) for row, job in enumerate(self.rows) if job is not None]
-            for row, job in jobs:
+            if self.rows[row] is job:
                 self._finish(row, "error")
-                job.stream.push(Event(job.index, str(error), "error"))
+        job.stream.push(Event(job.index, str(error) or type(error).__name__, "error"))
+
+    def _fail_all(self, error: Exception, waiting: bool = False) -> None:
+        """Fail every running request (a forward pass they shared failed), and the waiting ones too
+        when the engine stops."""
+        with self._wake:
+            for row, job in enumerate(self.rows):
+                if job is not None:
+                    self._fail(row, job, error)
             if waiting:
                 while self.waiting:
                     job = self.waiting.popleft()

@@ -13,23 +13,25 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, AsyncIterator, Literal, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, TypeVar, Union
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.types import Receive, Scope, Send
 
 from llamita.errors import LlamitaError
 from llamita.generate import Request
 from llamita.llm import LLM
 from llamita.logprobs import Entry, Logprobs
+from llamita.sampling import MAX_STOP_CHARS, MAX_STOPS, PENALTY_RANGE
 from llamita.serve.engine import EngineStopped, QueueFull, Stream
-from llamita.tokenizer import Tokenizer
+from llamita.tokenizer import Tokenizer, surrogate_error, unpaired_surrogate
 
 MAX_N = 8  # choices per request: each takes a cache row of its own
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI allows 5, vLLM 20)
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -53,7 +55,16 @@ class Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
 
-NonEmpty = Annotated[str, Field(min_length=1)]
+def unicode_only(text: str) -> str:
+    """Refuses unpaired surrogates (``"\\ud800"`` is valid JSON but not Unicode): a 400, not a
+    tokenizer's failure."""
+    if (at := unpaired_surrogate(text)) is not None:
+        raise ValueError(surrogate_error(text, at))
+    return text
+
+
+Text = Annotated[str, AfterValidator(unicode_only)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class Sampling(Body):
@@ -63,8 +74,8 @@ class Sampling(Body):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(None, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=16)] | None = None
+    repetition_penalty: float = Field(1.0, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
 
 
@@ -81,12 +92,12 @@ class OpenAIBody(Sampling):
 
 class TextPart(Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Body):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -116,8 +127,8 @@ def prompt_form(value: Any) -> str:
 
 
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # below the vocabulary: checked later
-Prompt = Annotated[Union[Annotated[str, Tag("str")],
-                         Annotated[list[str], Field(min_length=1, max_length=MAX_N), Tag("list[str]")],
+Prompt = Annotated[Union[Annotated[Text, Tag("str")],
+                         Annotated[list[Text], Field(min_length=1, max_length=MAX_N), Tag("list[str]")],
                          Annotated[TokenIds, Tag("list[int]")],
                          Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_N), Tag("list[list[int]]")]],
                    Discriminator(prompt_form)]
@@ -131,7 +142,7 @@ class CompletionBody(OpenAIBody):
 
 
 class PredictBody(Sampling):
-    text: str
+    text: Text
 
 
 # -- answers ------------------------------------------------------------------------------------
@@ -360,21 +371,39 @@ async def model(http: HttpRequest, name: str) -> dict[str, Any]:
     return model_card(http)
 
 
+# -- tokenizing: bounded first, then off the event loop ------------------------------------------
+def check_size(http: HttpRequest, size: int, param: str, unit: str = "characters") -> None:
+    """Refuses a prompt that cannot fit in the context window before any work on it: tokenizing
+    costs time in proportion to the text (a megabyte held the event loop for a second). ``size``:
+    its characters, or its tokens when given as ids."""
+    window = http.app.state.engine.max_seq_len
+    limit = http.app.state.max_prompt_chars if unit == "characters" else window
+    if size > limit:
+        raise ApiError(400, f"the prompt has {size} {unit}, more than the context window of {window} tokens can hold "
+                       f"(at most {limit})", param=param, code="context_length_exceeded")
+
+
+async def off_loop(http: HttpRequest, work: Callable[[], T]) -> T:
+    """``work()`` (tokenizing) in the app's tokenizer thread, so that the event loop keeps serving
+    streams meanwhile; one thread, so that tokenizing requests queue rather than crowd the CPU."""
+    return await asyncio.get_running_loop().run_in_executor(http.app.state.tokenizing, work)
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
+    messages = [m.as_dict() for m in body.messages]
+    check_size(http, sum(len(m["content"]) for m in messages), "messages")
     try:
-        prompt = http.app.state.llm.encode_chat([m.as_dict() for m in body.messages])
+        prompt = await off_loop(http, lambda: http.app.state.llm.encode_chat(messages))
     except LlamitaError as e:
         raise ApiError(400, str(e), param="messages") from None
     requests = requests_for(http, [prompt], body, body.n, None, "messages")
     return await answer(http, body, Shape(True, http.app.state.model_name), [prompt], requests)
 
 
-def completion_prompts(llm: LLM, prompt: str | list[str] | list[int] | list[list[int]]
-                       ) -> tuple[list[str], list[list[int]]]:
+def completion_prompts(llm: LLM, prompts: list[str] | list[list[int]]) -> tuple[list[str], list[list[int]]]:
     """Each prompt as text (as given, or decoded) and as token ids (encoded, or as given: checked
     against the vocabulary, since an id past it would fail inside the model)."""
-    prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
     vocab = min(llm.tokenizer.vocab_size, llm.model.config.vocab_size)
     texts, ids = [], []
     for p in prompts:
@@ -396,7 +425,10 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
         raise ApiError(400, f"{'echo' if body.echo else 'logprobs'} is answered whole, not streamed: ask without "
                        "stream", param="echo" if body.echo else "logprobs", code="invalid_value")
     llm = http.app.state.llm
-    texts, prompts = completion_prompts(llm, body.prompt)
+    given = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+    for p in given:
+        check_size(http, len(p), "prompt", "characters" if isinstance(p, str) else "tokens")
+    texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given))
     requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo)  # 16: OpenAI's
     scoring = Scoring(llm.tokenizer, [t for t in texts for _ in range(body.n)], body.echo)
     return await answer(http, body, Shape(False, http.app.state.model_name, scoring), prompts, requests)
@@ -405,7 +437,8 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
 @router.post("/predict")
 async def predict(http: HttpRequest, body: PredictBody) -> Response:
     """The Llama 2 articles' Flask endpoint: ``{"text"}`` in, its continuation as ``{"generation"}``."""
-    prompt = http.app.state.llm.encode(body.text)
+    check_size(http, len(body.text), "text")
+    prompt = await off_loop(http, lambda: http.app.state.llm.encode(body.text))
     results = await collect(submit(http, requests_for(http, [prompt], body, 1, 256, "text")), http)
     return JSONResponse({"generation": results[0][0]}) if results else Response(status_code=499)
 
