@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,8 +41,9 @@ def read_json(path: Path) -> dict:
 
 def load_torch_file(file: Path, what: str = "PyTorch weights file", mmap: bool = True) -> Any:
     """A file written by ``torch.save``, read without running pickled code (``weights_only``) and
-    memory-mapped where it can be."""
+    memory-mapped where it can be: torch maps only its zip format, so a file in the legacy format
+    (before torch 1.6, ``_use_new_zipfile_serialization=False``) is read into memory."""
     try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(file))
     except Exception as e:  # zip errors, unpickling refused, truncated data...
         raise LlamitaError(f"{file}: not a readable {what} ({type(e).__name__}: {e})") from None
