@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -254,3 +255,42 @@ def test_malformed_config_cli_exits_2(hf_dir):
     rewrite_json(hf_dir / "config.json", num_attention_heads="4")
     one_line_exit_2(run_guarded("-m", "llamita", "info", str(hf_dir), timeout=90), "config.json", "num_attention_heads")
 
+
+# --- CLI flags: checked before the model loads, failing in one line ---------------------------------------
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["generate", "--device", "tpu"], "--device"),
+    (["generate", "--device", "cuda:7"], "--device"),  # none on a CPU-only torch, fewer than 8 elsewhere
+    (["generate", "--temperature", "1e-45"], "--temperature"),
+    (["generate", "--temperature", "nan"], "--temperature"),
+    (["generate", "--seed", str(2**64)], "--seed"),
+    (["generate", "--top-p", "0"], "top_p"),
+    (["chat", "--repetition-penalty", "inf"], "--repetition-penalty"),
+    (["finetune", "--data", "d.jsonl", "--out", "o", "--lr", "nan"], "--lr"),
+])
+def test_bad_flags_fail_before_loading(tmp_path, capsys, argv, shown):
+    """The model named does not exist: a flag checked first is the error reported, not the missing model."""
+    from llamita.cli import main
+
+    model = ["--model", str(tmp_path / "absent-model")] if argv[0] != "finetune" else [str(tmp_path / "absent-model")]
+    try:
+        code = main([*argv, *model])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and shown in last and "absent-model" not in last
+
+
+@pytest.mark.slow
+def test_closed_stdout(tmp_path):
+    """``llamita generate ... | head -c 10``: the reader gone, generation stops without a traceback."""
+    path = tiny_base(tmp_path / "m")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "llamita", "generate", "--model", str(path), "gato"],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and "Traceback" not in out.stderr, out.stderr[-2000:]
