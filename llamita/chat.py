@@ -15,7 +15,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from llamita.errors import LlamitaError
 from llamita.tokenizer import Tokenizer
@@ -121,14 +121,40 @@ def render_jinja(tokenizer: Tokenizer, messages: list[Message], add_generation_p
             tools=None,
             documents=None,
         )
-    except jinja2.TemplateError as e:  # syntax errors, sandbox refusals and raise_exception(...)
+    # syntax errors, sandbox refusals (an OverflowError for a range past its limit), raise_exception(...)
+    except (jinja2.TemplateError, OverflowError, RecursionError) as e:
         raise LlamitaError(f"{tokenizer.source}: chat template: {e}") from None
+
+
+_MAX_BUILT = 1_000_000  # characters, items or bits one ``*`` or ``**`` may build: far past any chat prompt's
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox transformers builds (templates come from checkpoints and are untrusted code), with the
+    template's work bounded as jinja's sandbox allows: ``range`` stops at 100,000 items (jinja's own limit),
+    and a ``*`` or ``**`` that would build a string, list or number past ``_MAX_BUILT`` is refused."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if _built_size(operator, left, right) > _MAX_BUILT:
+            raise SecurityError(f"{operator!r} would build more than {_MAX_BUILT:,} items (sandbox limit)")
+        return super().call_binop(context, operator, left, right)
+
+
+def _built_size(operator: str, left: Any, right: Any) -> int:
+    """About how many items (characters, list items, or bits of an integer) ``left operator right`` builds."""
+    ints = all(isinstance(x, int) for x in (left, right))
+    if operator == "**":
+        return right * max(1, abs(left).bit_length()) if ints and right > 0 else 0
+    if isinstance(left, int) and isinstance(right, (str, list, tuple)):
+        left, right = right, left
+    return len(left) * right if isinstance(left, (str, list, tuple)) and isinstance(right, int) else 0
 
 
 @lru_cache(maxsize=8)
 def _compile(template: str) -> jinja2.Template:
-    # The same environment transformers builds: templates come from checkpoints and are untrusted code.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

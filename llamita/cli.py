@@ -6,6 +6,8 @@ import argparse
 import codecs
 import dataclasses
 import io
+import math
+import os
 import sys
 import typing
 from typing import Callable
@@ -48,7 +50,49 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
-    return {**options_of(args, SamplingParams), "truncate": args.truncate}
+    """The sampling flags, checked here, before a model takes seconds to load, rather than at the first request."""
+    options = options_of(args, SamplingParams)
+    SamplingParams(**options)  # its checks (temperatures below GREEDY_BELOW sample greedily)
+    return {**options, "truncate": args.truncate}
+
+
+def finite_float(text: str) -> float:
+    """A float flag's value: nan and inf parse as floats, then break sampling or training in a traceback."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """A seed flag's value, in the range torch.manual_seed takes (below 2^63, so that seed + rank fits too)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 2^63)")
+    return value
+
+
+def check_device(name: str) -> None:
+    """A --device this torch can use, checked before anything loads (torch fails in tracebacks)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LlamitaError(f"--device {name!r}: not a device (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cpu":
+        return
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)()
+    count = getattr(backend, "device_count", lambda: 1)() if available else 0
+    if (device.index or 0) >= count:
+        raise LlamitaError(f"--device {name}: this torch ({torch.__version__}) sees {count} {device.type} device(s)")
 
 
 def add_options(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -68,7 +112,8 @@ def add_options(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (
             p.add_argument(flag, action="append", default=default, **extra)
         else:
             scalar = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
-            p.add_argument(flag, type=scalar, default=default, choices=f.metadata.get("choices"), **extra)
+            parse = seed_int if f.name == "seed" else finite_float if scalar is float else scalar
+            p.add_argument(flag, type=parse, default=default, choices=f.metadata.get("choices"), **extra)
 
 
 def options_of(args: argparse.Namespace, cls: type) -> dict:
@@ -81,6 +126,7 @@ def load_llm(args: argparse.Namespace):
 
     from llamita.llm import LLM
 
+    check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if getattr(args, "compile", False):
         print("llamita: --compile: the first reply waits while torch.compile builds the decoding step "
@@ -105,16 +151,17 @@ def from_stdin(read: Callable[[], str]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    options = sampling_options(args)
     prompt = args.prompt if args.prompt is not None else from_stdin(sys.stdin.read)
     llm = load_llm(args)
-    for text in llm.stream(prompt, **sampling_options(args)):
+    for text in llm.stream(prompt, **options):
         print(text, end="", flush=True)
     print()
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    llm = load_llm(args)
     options = sampling_options(args)
+    llm = load_llm(args)
     system = args.system
     history: list[dict[str, str]] = []
     interactive, single_turn = sys.stdin.isatty(), llm.single_turn
@@ -273,8 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> None:
     from llamita.serve.app import serve
 
-    serve(load_llm(args), source=args.model, host=args.host, port=args.port,
-          config=EngineConfig(**options_of(args, EngineConfig)), limits=Connections(**options_of(args, Connections)))
+    config = EngineConfig(**options_of(args, EngineConfig))  # checked before the model loads
+    limits = Connections(**options_of(args, Connections))
+    serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -286,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or Python's flush at exit fails again
+        return 141
     return 0
 
 

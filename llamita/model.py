@@ -36,11 +36,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos and signed sin, float32 [max_seq_len, head_dim], for the rotate-half layout: with
-    halves (x1, x2), rotated = x * cos + (x2, x1) * (-sin, sin)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device).float(), inv_freq)
+def rope(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and signed sin, float32 [*positions.shape, head_dim], for the rotate-half layout: with
+    halves (x1, x2), rotated = x * cos + (x2, x1) * (-sin, sin). Computed for the positions given
+    rather than looked up in a table for the declared context, which a config can make any size."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-angles.sin(), angles.sin()], dim=-1)
 
 
@@ -107,18 +108,11 @@ class Llama(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.tie_weights()
-        self._rope: tuple[Tensor, Tensor] | None = None
 
     def tie_weights(self) -> None:
         """Share the embedding with the output layer when the config says so (again after loading)."""
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    def _rope_table(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self._rope is None or self._rope[0].device != device:
-            c = self.config
-            self._rope = rope_table(c.head_dim, c.max_seq_len, c.rope_theta, device)
-        return self._rope
 
     def forward(self, input_ids: Tensor, positions: Tensor | None = None, *, mask: Tensor | None = None,
                 kv: KVUpdate | None = None, logits_at: Tensor | None = None) -> Tensor:
@@ -134,8 +128,8 @@ class Llama(nn.Module):
         T = input_ids.shape[1]
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
-        cos, sin = self._rope_table(input_ids.device)
-        cos, sin = cos[positions][..., None, :], sin[positions][..., None, :]  # [(B,) T, 1, D]
+        cos, sin = rope(positions.to(input_ids.device), self.config.head_dim, self.config.rope_theta)
+        cos, sin = cos[..., None, :], sin[..., None, :]  # [(B,) T, 1, D]
         # A no-op unless the embedding is held in another dtype than the body (16-bit under float32).
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         for layer in self.layers:

@@ -7,15 +7,18 @@ test module imports another. Every builder is seeded: the same call writes the s
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import torch
@@ -49,7 +52,8 @@ QUANTIZABLE = ("F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 
 def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llama", seed: int = 0,
-                    valid_blocks: bool = False, layers: int = 1, dim: int = 256, hidden: int = 512):
+                    valid_blocks: bool = False, layers: int = 1, dim: int = 256, hidden: int = 512,
+                    metadata: dict[str, Any] | None = None):
     """A small llama GGUF written with the gguf package's own writer; ``types`` maps tensor names
     to a GGML type whose block bytes are filled at random (so every type can be stored).
 
@@ -58,7 +62,8 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
     with ``gguf.quants.quantize``; the k-quants (which it cannot write) get random codes under small
     finite float16 scales. The file then also records ``{arch}.vocab_size``, which transformers'
     GGUF loader needs when the file has no tokenizer. ``types`` names block 0's tensors ("blk.0.");
-    with ``layers`` > 1 every block gets block 0's types."""
+    with ``layers`` > 1 every block gets block 0's types. ``metadata`` replaces ``{arch}.*`` values (a
+    key's own name after ``{arch}.``; None leaves the key out), of any GGUF type: a malformed file."""
     import gguf
     import numpy as np
     from gguf.constants import GGML_QUANT_SIZES
@@ -66,16 +71,14 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
     rng = np.random.default_rng(seed)
     vocab, heads, kv = 64, 4, 2
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_uint32(f"{arch}.block_count", layers)
-    w.add_uint32(f"{arch}.context_length", 128)
-    w.add_uint32(f"{arch}.embedding_length", dim)
-    w.add_uint32(f"{arch}.feed_forward_length", hidden)
-    w.add_uint32(f"{arch}.attention.head_count", heads)
-    w.add_uint32(f"{arch}.attention.head_count_kv", kv)
-    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32(f"{arch}.rope.freq_base", 10000.0)
-    if valid_blocks:
-        w.add_uint32(f"{arch}.vocab_size", vocab)
+    fields: dict[str, Any] = {
+        "block_count": layers, "context_length": 128, "embedding_length": dim, "feed_forward_length": hidden,
+        "attention.head_count": heads, "attention.head_count_kv": kv, "attention.layer_norm_rms_epsilon": 1e-5,
+        "rope.freq_base": 10000.0, "vocab_size": vocab if valid_blocks else None, **(metadata or {}),
+    }
+    for key, value in fields.items():
+        if value is not None:
+            w.add_key_value(f"{arch}.{key}", value, *_gguf_type(value))
     shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "output.weight": (vocab, dim)}
     for i in range(layers):
         shapes.update({
@@ -106,6 +109,20 @@ def write_tiny_gguf(path, types: dict[str, str] | None = None, arch: str = "llam
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gguf_type(value: Any) -> tuple:
+    """The GGUF value type (and an array's item type) ``write_tiny_gguf`` stores ``value`` as: uint32 and
+    float32 as llama.cpp writes sizes and epsilons, int64 for what uint32 cannot hold."""
+    from gguf import GGUFValueType as T
+
+    if isinstance(value, list):
+        return T.ARRAY, _gguf_type(value[0])[0]
+    if isinstance(value, bool):
+        return (T.BOOL,)
+    if isinstance(value, int):
+        return (T.UINT32,) if 0 <= value < 2**32 else (T.INT64,)
+    return (T.FLOAT32,) if isinstance(value, float) else (T.STRING,)
 
 
 def _valid_blocks(rng, qtype, shape):
@@ -241,6 +258,60 @@ def losses(out: Path) -> list[float]:
 def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llamita", *args], input=stdin, capture_output=True, text=True,
                           timeout=300)
+
+
+@dataclass
+class Guarded:
+    """How a guarded run ended: ``returncode`` None when it was killed at its time limit."""
+
+    returncode: int | None
+    peak_rss_mb: float
+    seconds: float
+    output: str  # stdout and stderr together, as written
+
+    @property
+    def last_line(self) -> str:
+        lines = self.output.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def run_guarded(*args: str, memory_mb: int = 3072, timeout: float = 120, stdin: str | None = None) -> Guarded:
+    """``python *args`` (``-m llamita ...``) with its address space capped at ``memory_mb`` and its wall time
+    at ``timeout``: a regression that loops or allocates without bound then fails its test, rather than
+    growing until it takes the machine."""
+    cap = memory_mb * 2**20
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    start = time.monotonic()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            proc.stdin.write((stdin or "").encode())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        code, usage = _wait_until(proc, start + timeout)
+        out.seek(0)
+        output = out.read().decode("utf-8", "replace")
+    return Guarded(code, usage.ru_maxrss / 1024, time.monotonic() - start, output)
+
+
+def _wait_until(proc: subprocess.Popen, deadline: float) -> tuple[int | None, resource.struct_rusage]:
+    """The process's exit code (None: killed at ``deadline``) and its own resource usage (peak RSS)."""
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = code = os.waitstatus_to_exitcode(status)
+            return code, usage
+        if time.monotonic() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return None, usage
+        time.sleep(0.05)
 
 
 # --- generative evaluations ------------------------------------------------------------------------------

@@ -157,6 +157,16 @@ def test_jinja_errors_are_llamita_errors(smol: Tokenizer) -> None:
         encode_chat(with_template(smol, "{{ messages.append(1) }}"), ONE_TURN)
 
 
+@pytest.mark.parametrize("expression", ["range(10**9) | length", "('ab' * 10**7) | length", "([1] * 10**7) | length",
+                                        "(7 ** (10**6)) % 10"])
+def test_template_work_is_bounded(smol: Tokenizer, expression: str) -> None:
+    """A template asking for a range past jinja's sandbox limit (an OverflowError traceback before), or
+    building a string, list or number past llamita's, is refused in one line."""
+    with pytest.raises(LlamitaError, match="chat template") as e:
+        encode_chat(with_template(smol, "{{ " + expression + " }}"), ONE_TURN)
+    assert "\n" not in str(e.value)
+
+
 # --- 3. Named templates and stop tokens ---------------------------------------------------------------------
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import llamita
-from helpers import write_meta_checkpoint, write_tiny_gguf
+from helpers import run_guarded, tiny_base, write_meta_checkpoint, write_tiny_gguf
 from llamita import LlamitaError
 
 
@@ -146,3 +148,150 @@ def test_cli_prints_one_line_and_exits_2(tmp_path):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "x.gguf" in out.stderr
+
+
+# --- sizes a file states, checked before anything is allocated for them ---------------------------------------
+
+
+def one_line_exit_2(run, *names: str) -> None:
+    """A guarded CLI run that ended in llamita's one-line error, naming ``names``."""
+    assert run.returncode == 2, f"exit {run.returncode} after {run.seconds:.0f} s, {run.peak_rss_mb:.0f} MB:\n" \
+                                f"{run.output[-2000:]}"
+    assert "Traceback" not in run.output and run.output.strip().count("\n") == 0
+    assert run.last_line.startswith("llamita: error: ") and all(n in run.last_line for n in names)
+
+
+@pytest.mark.slow
+def test_gguf_array_longer_than_the_file(tmp_path):
+    """126 bytes declaring a metadata array of 2^62 items: the gguf reader read it item by item, past the
+    end of the file, growing past 4 GB in 35 s."""
+    key = b"tokenizer.ggml.scores"
+    data = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    data += struct.pack("<IIQ", 9, 0, 2**62)  # ARRAY of UINT8, 2^62 items
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(data + bytes(126 - len(data)))
+    run = run_guarded("-m", "llamita", "info", str(path), memory_mb=2048, timeout=60)
+    one_line_exit_2(run, "huge.gguf", "array", str(2**62))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["info", "generate"])
+def test_gguf_billion_layers(tmp_path, command):
+    """block_count = 10^9 hung ``info`` and ``generate`` (a model of 10^9 layers built on the meta device)."""
+    path = write_tiny_gguf(tmp_path / "deep.gguf", metadata={"block_count": 10**9})
+    args = [str(path)] if command == "info" else ["--model", str(path), "hi"]
+    run = run_guarded("-m", "llamita", command, *args, memory_mb=3072, timeout=90)
+    one_line_exit_2(run, "deep.gguf", "llama.block_count", "1000000000")
+
+
+@pytest.mark.slow
+def test_context_of_a_billion_positions(tmp_path):
+    """max_position_embeddings = 10^9 ran out of memory building the rotary table for the whole context."""
+    path = tiny_base(tmp_path / "long")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 10**9}))
+    run = run_guarded("-m", "llamita", "generate", "--model", str(path), "--temperature", "0", "--max-new-tokens", "4",
+                      "gato", memory_mb=3072, timeout=120)
+    assert run.returncode == 0, run.output[-2000:]
+    assert run.peak_rss_mb < 1500
+
+
+# --- malformed config values: one line naming the file and the field ---------------------------------------
+
+
+def rewrite_json(path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("num_attention_heads", 0, "num_attention_heads"),
+    ("num_attention_heads", "4", "num_attention_heads"),
+    ("intermediate_size", -48, "intermediate_size"),
+    ("num_hidden_layers", -2, "num_hidden_layers"),
+    ("num_hidden_layers", 2.5, "num_hidden_layers"),
+    ("intermediate_size", [48], "intermediate_size"),
+    ("vocab_size", 0, "vocab_size"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps"),
+    ("rope_theta", -1, "rope_theta"),
+    ("max_position_embeddings", 0, "max_position_embeddings"),
+    ("num_key_value_heads", 3, "n_kv_heads 3"),
+    ("tie_word_embeddings", "no", "tie_word_embeddings"),
+    ("rope_scaling", "linear", "rope_scaling"),
+    ("rope_parameters", {"rope_theta": "big"}, "rope_theta"),
+])
+def test_malformed_hf_config(hf_dir, key, value, shown):
+    """Values that fail fast without the checks too (huge sizes are tested under a cap, in subprocesses)."""
+    rewrite_json(hf_dir / "config.json", **{key: value})
+    msg = load_error(hf_dir)
+    assert "config.json" in msg and shown in msg
+
+
+def test_deeply_nested_json(hf_dir):
+    (hf_dir / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    msg = load_error(hf_dir)
+    assert "config.json" in msg and "nested" in msg
+
+
+@pytest.mark.parametrize("key, value", [("n_heads", 0), ("dim", "32"), ("multiple_of", 0), ("n_layers", -1),
+                                        ("ffn_dim_multiplier", "1.3"), ("norm_eps", -1), ("vocab_size", "x"),
+                                        ("max_seq_len", "4096"), ("rope_theta", float("nan"))])
+def test_malformed_params_json(tmp_path, key, value):
+    write_meta_checkpoint(tmp_path, {"dim": 32, "n_layers": 1, "n_heads": 4, "multiple_of": 16, "vocab_size": -1},
+                          vocab=40, n_shards=1)
+    rewrite_json(tmp_path / "params.json", **{key: value})
+    msg = load_error(tmp_path)
+    assert "params.json" in msg and key in msg
+
+
+@pytest.mark.parametrize("key, value", [("attention.head_count", 0), ("embedding_length", "256"),
+                                        ("feed_forward_length", [512]), ("attention.layer_norm_rms_epsilon", "x"),
+                                        ("block_count", 0), ("context_length", -1), ("rope.freq_base", "a")])
+def test_malformed_gguf_metadata(tmp_path, key, value):
+    msg = load_error(write_tiny_gguf(tmp_path / "m.gguf", metadata={key: value}))
+    assert "m.gguf" in msg and f"llama.{key}" in msg
+
+
+@pytest.mark.slow
+def test_malformed_config_cli_exits_2(hf_dir):
+    rewrite_json(hf_dir / "config.json", num_attention_heads="4")
+    one_line_exit_2(run_guarded("-m", "llamita", "info", str(hf_dir), timeout=90), "config.json", "num_attention_heads")
+
+
+# --- CLI flags: checked before the model loads, failing in one line ---------------------------------------
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["generate", "--device", "tpu"], "--device"),
+    (["generate", "--device", "cuda:7"], "--device"),  # none on a CPU-only torch, fewer than 8 elsewhere
+    (["generate", "--temperature", "-1"], "temperature"),
+    (["generate", "--temperature", "nan"], "--temperature"),
+    (["generate", "--seed", str(2**64)], "--seed"),
+    (["generate", "--top-p", "0"], "top_p"),
+    (["chat", "--repetition-penalty", "inf"], "--repetition-penalty"),
+    (["finetune", "--data", "d.jsonl", "--out", "o", "--lr", "nan"], "--lr"),
+])
+def test_bad_flags_fail_before_loading(tmp_path, capsys, argv, shown):
+    """The model named does not exist: a flag checked first is the error reported, not the missing model."""
+    from llamita.cli import main
+
+    model = ["--model", str(tmp_path / "absent-model")] if argv[0] != "finetune" else [str(tmp_path / "absent-model")]
+    try:
+        code = main([*argv, *model])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and shown in last and "absent-model" not in last
+
+
+@pytest.mark.slow
+def test_closed_stdout(tmp_path):
+    """``llamita generate ... | head -c 10``: the reader gone, generation stops without a traceback."""
+    path = tiny_base(tmp_path / "m")
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "llamita", "generate", "--model", str(path), "gato"],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert out.returncode == 141 and "Traceback" not in out.stderr, out.stderr[-2000:]

@@ -21,6 +21,8 @@ from llamita.formats import blocks
 from llamita.formats.checkpoint import Checkpoint
 from llamita.quantize import BLOCKS, QuantizedWeight
 
+_MAX_ARRAY = 1 << 24  # items in one metadata array: vocabularies and merge lists run to a few hundred thousand
+
 
 class _Reader(gguf.GGUFReader):
     """The gguf package's reader, checking each tensor's type and byte range before mapping it, so a
@@ -59,6 +61,27 @@ class _Reader(gguf.GGUFReader):
     def __init__(self, path: Path):
         self.path = path
         super().__init__(path)
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        """The reader's read, refused past the end of the file: the reader trusts the lengths a file states,
+        and reads past the end return empty arrays, not an error."""
+        end = offset + np.dtype(dtype).itemsize * int(count)
+        if end > len(self.data):
+            raise LlamitaError(f"{self.path}: not a readable GGUF file: {int(count)} values at byte {offset} run past "
+                               f"the end of the file ({len(self.data)} bytes)")
+        return super()._get(offset, dtype, count, override_order)
+
+    def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple:
+        """The reader's field parser, with an array's length checked first: it reads an array item by item,
+        so a few bytes declaring 2^62 items would grow the process until memory ran out."""
+        if raw_type == gguf.GGUFValueType.ARRAY:
+            items = int(self._get(orig_offs + 4, np.uint64)[0])
+            left = len(self.data) - orig_offs - 12  # each item takes a byte at least
+            if items > min(left, _MAX_ARRAY):
+                limit = "the file holds" if items > left else "any model needs"
+                raise LlamitaError(f"{self.path}: not a readable GGUF file: an array at byte {orig_offs} declares "
+                                   f"{items} items, more than {limit}")
+        return super()._get_field_parts(orig_offs, raw_type)
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
@@ -174,6 +197,8 @@ def read(path: Path) -> Checkpoint:
     if "token_embd.weight" not in names:
         raise LlamitaError(f"{path}: no token_embd.weight tensor")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    if len(emb.shape) != 2:
+        raise LlamitaError(f"{path}: token_embd.weight has shape {tuple(int(d) for d in emb.shape)}, not a matrix")
     config = config_from_gguf(meta, vocab_size=int(emb.shape[1]), tied="output.weight" not in names, where=str(path))
     types = Counter(t.tensor_type.name for t in reader.tensors)
     dtype = _PLAIN.get(emb.tensor_type.name, torch.float32)

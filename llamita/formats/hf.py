@@ -14,7 +14,7 @@ from torch import Tensor
 
 from llamita.config import Config, config_from_hf, config_to_hf
 from llamita.errors import LlamitaError
-from llamita.files import atomic_write, load_torch_file, read_json
+from llamita.files import atomic_write, load_state_dict, read_json
 from llamita.formats.checkpoint import Checkpoint
 
 TEMPLATE_KEY = "llamita_template"  # config.json: the prompt template a fine-tuned checkpoint learned
@@ -37,8 +37,8 @@ def weight_files(path: Path) -> list[Path]:
         index = path / index_name
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise LlamitaError(f"{index}: missing field 'weight_map'")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise LlamitaError(f"{index}: missing field 'weight_map' (an object of tensor names to file names)")
             files = [path / f for f in dict.fromkeys(weight_map.values())]
             if missing := [f.name for f in files if not f.is_file()]:
                 raise LlamitaError(f"{index}: names shard files that are missing: {', '.join(missing)}")
@@ -81,7 +81,7 @@ def _safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
 
 def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
     for file in files:
-        tensors = _safetensors(file) if file.suffix == ".safetensors" else load_torch_file(file).items()
+        tensors = _safetensors(file) if file.suffix == ".safetensors" else load_state_dict(file).items()
         for key, t in tensors:
             yield from_hf_name(key), t, file
 
@@ -112,6 +112,7 @@ def read(path: Path) -> Checkpoint:
     types, nbytes, first = _stored_types(files)
     declared = cfg_dict.get("torch_dtype") or cfg_dict.get("dtype")
     dtype = getattr(torch, declared, None) if isinstance(declared, str) else None
+    dtype = dtype if isinstance(dtype, torch.dtype) else None
     return Checkpoint(
         format="hf", path=path, config=config, dtype=dtype or first or torch.float32,
         tensor_types=dict(types), nbytes=nbytes, tensors=lambda: _tensors(files),

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from llamita.config import config_from_meta
 from llamita.errors import LlamitaError
-from llamita.files import load_torch_file, read_json
+from llamita.files import load_state_dict, read_json
 from llamita.formats.checkpoint import Checkpoint
 
 # Meta's name -> (llamita's name, dim the shards are joined on; None = replicated, take shard 0)
@@ -73,13 +73,12 @@ def _merged(shards: list[dict[str, Tensor]], files: list[Path]) -> Iterator[tupl
 
 def read(path: Path) -> Checkpoint:
     files = shard_files(path)
-    shards = [load_torch_file(f, "PyTorch checkpoint") for f in files]  # memory-mapped: nothing is read yet
+    shards = [load_state_dict(f, "PyTorch checkpoint") for f in files]  # memory-mapped: nothing is read yet
     emb = shards[0].get("tok_embeddings.weight")
-    if emb is None:
-        raise LlamitaError(f"{files[0]}: no tok_embeddings.weight")
+    if emb is None or emb.dim() != 2:
+        raise LlamitaError(f"{files[0]}: no tok_embeddings.weight matrix")
     params = read_json(path / "params.json")
-    vocab = params.get("vocab_size", -1)
-    config = config_from_meta(params, vocab_size=vocab if vocab > 0 else emb.shape[0], where=str(path / "params.json"))
+    config = config_from_meta(params, stored_vocab=emb.shape[0], where=str(path / "params.json"))
     types = Counter(str(t.dtype).removeprefix("torch.") for s in shards for t in s.values())
     nbytes = sum(t.numel() * t.element_size() for s in shards for t in s.values())
     return Checkpoint(
