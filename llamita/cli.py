@@ -126,7 +126,6 @@ def load_llm(args: argparse.Namespace):
 
     from llamita.llm import LLM
 
-    check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if getattr(args, "compile", False):
         print("llamita: --compile: the first reply waits while torch.compile builds the decoding step "
@@ -328,6 +327,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if hasattr(args, "device"):
+            check_device(args.device)  # before stdin is read or anything loads
         args.func(args)
     except LlamitaError as e:
         print(f"llamita: error: {e}", file=sys.stderr)
