@@ -42,6 +42,7 @@ def text_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_llamacpp_mode(text_file, hf_ids, hf_default_model, default_llm):
     ctx = 64
     nll, count = 0.0, 0
@@ -58,6 +59,7 @@ def test_llamacpp_mode(text_file, hf_ids, hf_default_model, default_llm):
     assert ours.metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / nbytes, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_gptq_mode(text_file, hf_ids, hf_default_model, default_llm):
     ctx = 96
     means = []
@@ -68,6 +70,7 @@ def test_gptq_mode(text_file, hf_ids, hf_default_model, default_llm):
     assert ours.metrics["tokens"] == (len(hf_ids) // ctx) * (ctx - 1)
 
 
+@pytest.mark.slow
 def test_stride_mode(text_file, hf_ids, hf_default_model, default_llm):
     ctx, stride = 80, 32
     nll, count, prev_end = 0.0, 0, 0
@@ -86,6 +89,7 @@ def test_stride_mode(text_file, hf_ids, hf_default_model, default_llm):
     assert ours.metrics["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_bits_per_byte_counts_the_whole_text(text_file, default_llm):
     """Every token but the first is scored: the bytes are the text's, less the first token's."""
     ours = evaluate("perplexity", text_file, default_llm, mode="stride", ctx=128, stride=64)

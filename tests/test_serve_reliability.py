@@ -77,6 +77,7 @@ def alone(default_llm) -> list[str]:
 
 
 # -- 1. one request fails the whole batch ----------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_temperatures_sample_greedily_beside_victims(default_llm, alone):
     """1e-45 divided the logits to inf and NaN, and the error failed every request in the batch."""
     async def scenario(client, engine):
@@ -95,6 +96,7 @@ def test_tiny_temperatures_sample_greedily_beside_victims(default_llm, alone):
 FAILING_SEED = 666
 
 
+@pytest.mark.slow
 def test_a_failing_request_fails_alone(default_llm, alone, monkeypatch):
     """A request whose sampling raises (here on purpose, at its fourth token) fails alone: a 500, or
     an error event and no ``[DONE]`` when streamed; the victims decoding beside it finish."""
@@ -128,6 +130,7 @@ def test_a_failing_request_fails_alone(default_llm, alone, monkeypatch):
 
 
 # -- 2. long stop strings stall everyone ----------------------------------------------------------
+@pytest.mark.slow
 def test_longest_stop_strings_beside_victims(default_llm, alone):
     """As many stops as allowed, as long as allowed, with n=4: every answer as greedy gives it alone
     (the per-token cost of the stops is tested in test_generate)."""
@@ -216,6 +219,7 @@ BAD = [  # (path, body, param)
 ]
 
 
+@pytest.mark.slow
 def test_bad_input_is_refused_and_victims_finish(default_llm, alone):
     async def scenario(client, engine):
         return await asyncio.gather(*victims(client), *(refused(client, path, body) for path, body, _ in BAD))
