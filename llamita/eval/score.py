@@ -14,6 +14,7 @@ sequence fits when it is at most one token longer than the context window, as in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterator
 
 import torch
@@ -77,8 +78,9 @@ class Row:
     def is_chain(self) -> bool:
         return all(p == i - 1 for i, p in enumerate(self.parents))
 
+    @cached_property
     def predictors(self) -> list[int]:
-        """The nodes whose logits are needed, in order."""
+        """The nodes whose logits are needed, in order (asked once the row is packed)."""
         return sorted({n for _, nodes, _ in self.scored for n in nodes})
 
 
@@ -123,12 +125,13 @@ def score(model: Llama, sequences: list[tuple[list[int], int]], batch_size: int 
 def _batches(rows: list[Row], batch_size: int, vocab: int) -> Iterator[list[Row]]:
     """Consecutive runs of rows: up to ``batch_size`` whose logits fit the budget."""
     batch: list[Row] = []
+    logits = 0
     for row in rows:
-        if batch and (len(batch) == batch_size or
-                      sum(len(r.predictors()) for r in batch + [row]) * vocab > LOGITS_BUDGET):
+        if batch and (len(batch) == batch_size or (logits + len(row.predictors)) * vocab > LOGITS_BUDGET):
             yield batch
-            batch = []
+            batch, logits = [], 0
         batch.append(row)
+        logits += len(row.predictors)
     if batch:
         yield batch
 
@@ -144,7 +147,7 @@ def _score_batch(model: Llama, batch: list[Row], device: torch.device) -> Iterat
         n = len(row.tokens)
         ids[b, :n] = torch.tensor(row.tokens)
         positions[b, :n] = torch.tensor(row.depths)
-        keep[b, row.predictors()] = True
+        keep[b, row.predictors] = True
         if mask is not None:
             ancestry = mask[b, 0]
             for i, parent in enumerate(row.parents):  # a node sees its parent's ancestors and itself
@@ -156,7 +159,7 @@ def _score_batch(model: Llama, batch: list[Row], device: torch.device) -> Iterat
                    logits_at=keep.to(device)).float().cpu()
     start = 0
     for row in batch:
-        predictors = row.predictors()
+        predictors = row.predictors
         at = {node: start + k for k, node in enumerate(predictors)}  # node -> its row of ``logits``
         start += len(predictors)
         for index, nodes, targets in row.scored:
