@@ -47,17 +47,34 @@ class KVCache:
     def device(self) -> torch.device:
         return self.row_ids.device
 
-    def reuse(self, prompt: list[int], rows: list[int], share: bool = True) -> tuple[int, int]:
-        """The row among ``rows`` whose cache holds the longest start of ``prompt``, and how many
-        tokens of it (all but the last at most: that one must run to give logits); failing that,
-        or with ``share`` False (a prompt that must run whole), an empty row, then the lowest (so
-        that a decoded slice of rows stays short)."""
-        best, n = min(rows, key=lambda row: (bool(self.held[row]), row)), 0
-        for row in rows if share else []:
+    def reuse(self, prompt: list[int], rows: list[int], share: bool = True,
+              sources: list[int] = ()) -> tuple[int, int, int | None]:
+        """Where to run ``prompt``: a row among ``rows``, how many of its first tokens that row will
+        hold (all but the last at most: that one must run to give logits), and the row to copy them
+        from (``copy_prefix``), or None when the chosen row holds them already.
+
+        The row among ``rows`` whose cache holds the longest start of ``prompt`` is used in place;
+        when a row among ``sources`` (others, e.g. busy decoding) holds a longer start, it is copied
+        into an empty row of ``rows`` (or the lowest), keeping what the other free rows hold. With
+        ``share`` False (a prompt that must run whole), no reuse at all. Lower rows win ties, so
+        that a decoded slice of rows stays short."""
+        spare = min(rows, key=lambda row: (bool(self.held[row]), row))
+        n, source = 0, None
+        for row in (*rows, *sources) if share else ():
             shared = common_prefix(prompt, self.held[row])
             if shared > n:
-                best, n = row, shared
-        return best, min(n, len(prompt) - 1)
+                n, source = shared, row
+        n = min(n, len(prompt) - 1)
+        if source is not None and source in rows:
+            return source, n, None
+        return (spare, n, source) if n else (spare, 0, None)
+
+    def copy_prefix(self, source: int, row: int, n: int) -> None:
+        """Row ``source``'s first ``n`` positions into ``row`` (a shared prompt's start, computed once)."""
+        for k, v in zip(self.k, self.v):
+            k[row, :, :n] = k[source, :, :n]
+            v[row, :, :n] = v[source, :, :n]
+        self.held[row] = self.held[source][:n]
 
     def step(self, positions: Tensor, length: int, rows: Tensor | slice | None = None) -> KVUpdate:
         """For one forward pass of B rows: each token's keys and values go to its position

@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health and the chat page "
+                        "(repeatable; also $LLAMITA_API_KEY, comma-separated)")
     add_options(p, EngineConfig)
     add_options(p, Connections)
     p.set_defaults(func=cmd_serve)
@@ -317,11 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llamita.serve.app import serve
+    from llamita.serve.app import api_keys, serve
 
     config = EngineConfig(**options_of(args, EngineConfig))  # checked before the model loads
     limits = Connections(**options_of(args, Connections))
-    serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits)
+    api_keys(args.api_key)  # checked before the model loads too
+    serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits,
+          api_key=args.api_key)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,7 +127,7 @@ class LLM:
         size = cache_size_for(need, self.model.config.max_seq_len, compiled=True)
         if self.cache is None or self.cache.slots < size:
             self.cache = KVCache(self.model, 1, size)
-        _, cached = self.cache.reuse(request.prompt_ids, [0])
+        _, cached, _ = self.cache.reuse(request.prompt_ids, [0])
         self.cache.held[0] = []  # unknown until this request is done
         yield from (text for _, text in complete(self.model, self.cache, [request], self.forward, cached=[cached]))
         self.cache.held[0] = request.fed_ids

@@ -1,13 +1,20 @@
 """The server for one model: the FastAPI app, its middleware, and bad input answered as OpenAI does.
 
-Bad input of any kind is answered with a 4xx and OpenAI's error object, never a 500. The routes
-live in ``routes.py``, the batching in ``engine.py``.
+Bad input of any kind is answered with a 4xx and OpenAI's error object, never a 500. With API keys,
+every route but ``/health`` and the chat page asks for one. SIGTERM drains the engine (running
+streams finish, or end cleanly after ``shutdown_timeout``) and exits 0. The routes live in
+``routes.py``, the batching in ``engine.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
+import os
 import re
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,6 +30,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llamita.assets import DEFAULT_MODEL_NAME
+from llamita.errors import LlamitaError
 from llamita.llm import LLM
 from llamita.serve.engine import Connections, Engine, EngineConfig
 from llamita.serve.routes import ApiError, router, too_large
@@ -31,6 +39,8 @@ if TYPE_CHECKING:
     import uvicorn
 
 MAX_BODY_BYTES = 1 << 20
+API_KEY_ENV = "LLAMITA_API_KEY"  # keys from the environment (comma-separated), beside --api-key
+PUBLIC_PATHS = frozenset({"/health", "/"})  # a liveness probe, and the chat page (it holds no data)
 _UNION_TAG = re.compile(r"^(str|int|float|bool)$|[-\[]")  # pydantic's names for union branches in an error's loc
 
 
@@ -59,10 +69,45 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class ApiKeys:
+    """401 unless the request carries ``Authorization: Bearer KEY`` with one of ``keys`` (compared in
+    constant time, with every key), for every path but ``PUBLIC_PATHS``."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]):
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS and not self.allowed(scope):
+            error = ApiError(401, "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+            response = error.response()
+            response.headers["WWW-Authenticate"] = "Bearer"
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def allowed(self, scope: Scope) -> bool:
+        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+        given_bytes = given.strip().encode("latin-1")  # as the header's bytes were decoded
+        matches = [hmac.compare_digest(given_bytes, key) for key in self.keys]  # all compared: no early exit
+        return scheme.lower() == "bearer" and any(matches)
+
+
+def api_keys(given: list[str] | None) -> list[str]:
+    """The keys: those given, and those in $LLAMITA_API_KEY (comma-separated); each non-empty."""
+    keys = list(given or []) + [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    for key in keys:
+        if not key or key != key.strip() or not (key.isascii() and key.isprintable()):
+            raise LlamitaError("an API key must be printable ASCII, non-empty, without surrounding spaces")
+    return keys
+
+
 def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: EngineConfig | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, **engine_options) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, api_key: list[str] | None = None,
+               **engine_options) -> FastAPI:
     """The server for one model; its engine thread runs while the app's lifespan does.
+    ``api_key``: keys of which requests must carry one (with $LLAMITA_API_KEY's);
     ``engine_options``: EngineConfig's fields, when no ``config`` is given."""
+    keys = api_keys(api_key)
     engine = Engine(llm.model, config or EngineConfig(**engine_options))
 
     @asynccontextmanager
@@ -75,6 +120,9 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
 
     app = FastAPI(title="llamita", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if keys:
+        app.add_middleware(ApiKeys, keys=keys)  # added last: it runs first
+    app.state.api_keys = bool(keys)
     app.state.llm, app.state.engine, app.state.model_name, app.state.started = llm, engine, model_name, int(time.time())
     # A prompt of more characters cannot fit in the window: refused before it is tokenized (routes.check_size).
     app.state.max_prompt_chars = engine.max_seq_len * llm.tokenizer.longest_token_chars
@@ -119,7 +167,8 @@ def server_config(app: ASGIApp, host: str, port: int, limits: Connections | None
 
     limits = limits or Connections()
     config = uvicorn.Config(app, host=host, port=port, log_level="info", http=protocol_class(),
-                            timeout_keep_alive=limits.idle_timeout, limit_concurrency=limits.max_connections)
+                            timeout_keep_alive=limits.idle_timeout, limit_concurrency=limits.max_connections,
+                            timeout_graceful_shutdown=5)  # after the engine's drain: for responses being written
     config.header_timeout = limits.header_timeout
     return config
 
@@ -166,11 +215,42 @@ def protocol_class() -> type:
     return HeaderDeadline
 
 
-def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          limits: Connections | None = None, **options) -> None:
-    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (``config``, or EngineConfig's
-    fields); ``limits``: on its connections."""
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def graceful_server(config: uvicorn.Config, engine: Engine, timeout: float) -> uvicorn.Server:
+    """uvicorn's server, whose shutdown (SIGTERM, SIGINT) first stops accepting connections and
+    drains ``engine`` (``Engine.drain``: running streams get ``timeout`` seconds to finish, then end
+    with finish reason "abort" and a well-formed end); a SIGTERM then exits 0, not by the signal."""
     import uvicorn
 
+    class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            if sig == signal.SIGTERM:  # asked to stop, and stopping cleanly: not re-raised on exit
+                self._captured_signals.remove(sig)
+
+        async def shutdown(self, sockets=None) -> None:
+            for server in self.servers:
+                server.close()  # no new connections while the running requests finish
+            await asyncio.to_thread(engine.drain, timeout)
+            await super().shutdown(sockets)
+
+    return GracefulServer(config)
+
+
+def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          limits: Connections | None = None, **options) -> None:
+    """Serve ``llm`` until interrupted or terminated; ``options`` go to ``create_app`` (``api_key``,
+    ``config``, or EngineConfig's fields); ``limits``: on its connections and its shutdown."""
+    limits = limits or Connections()
     name = Path(source).name if source else DEFAULT_MODEL_NAME
-    uvicorn.Server(server_config(create_app(llm, model_name=name, **options), host, port, limits)).run()
+    app = create_app(llm, model_name=name, **options)
+    if not app.state.api_keys and not is_loopback(host):
+        print(f"llamita: warning: serving on {host} without an API key: anyone who can reach port {port} can use "
+              f"this server (give --api-key KEY, or set ${API_KEY_ENV})", file=sys.stderr)
+    graceful_server(server_config(app, host, port, limits), app.state.engine, limits.shutdown_timeout).run()

@@ -3,9 +3,10 @@
 One background thread owns the model. Each turn of its loop admits waiting requests into free
 cache rows (one prefill for all of them), then runs a single ``decode_step`` for every running
 request at once, each at its own position. A row keeps what its last request left in the cache,
-so a request that starts the same way (a chat's next turn, a shared system prompt) goes to that
-row and runs only the rest of its prompt (unless it scores its prompt, ``echo`` with ``logprobs``,
-which needs the logits at every position). A request that arrives mid-generation joins the batch
+so a request that starts the same way (a chat's next turn) goes to that row and runs only the
+rest of its prompt; a start held by a row that is busy (a system prompt shared by all clients) is
+copied into a free row instead of computed again (unless the request scores its prompt, ``echo``
+with ``logprobs``, which needs the logits at every position). A request that arrives mid-generation joins the batch
 at the next turn; one that finishes or is cancelled frees its row at the next turn. The pieces it
 drives are ``generate``'s own (``prefill``, ``decode_step``, ``Request``), over a ``KVCache`` it
 owns: the engine only schedules.
@@ -26,7 +27,7 @@ from typing import AsyncIterator
 
 import torch
 
-from llamita.cache import KVCache
+from llamita.cache import KVCache, common_prefix
 from llamita.errors import LlamitaError
 from llamita.generate import Request, decode_step, prefill
 from llamita.model import Llama
@@ -47,7 +48,7 @@ class Event:
 
     index: int
     text: str
-    finish: str | None = None  # "stop", "length", or "error" (the engine failed this request)
+    finish: str | None = None  # "stop", "length", "abort" (the server shut down) or "error" (it failed)
 
 
 class Stream:
@@ -95,6 +96,7 @@ class Job:
         return self.stream.requests[self.index]
 
 
+WORTH_WAITING = 64  # tokens a request must share with one prefilled this turn to wait a turn and copy them
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -106,6 +108,7 @@ class Metrics:
     prefills: int = 0  # prefill forward passes (one per turn that admitted requests)
     prompt_tokens: int = 0
     prompt_tokens_cached: int = 0  # of those, already in the request's cache row: not run again
+    prompt_tokens_copied: int = 0  # of those, copied there from another row (a prefix shared across rows)
     generated_tokens: int = 0
     outcomes: collections.Counter = field(default_factory=collections.Counter)  # stop/length/cancelled/...
     ttft_buckets: list[int] = field(default_factory=lambda: [0] * len(TTFT_BUCKETS))
@@ -145,9 +148,11 @@ class Connections:
                                          "its last response")
     idle_timeout: float = option(5.0, "seconds a kept-alive connection may wait for its next request")
     max_connections: int = option(256, "open connections (or requests in flight) past which requests get a 503")
+    shutdown_timeout: float = option(30.0, "seconds running requests get to finish after SIGTERM (new ones get a "
+                                           "503); then their streams end, finish reason 'abort'")
 
     def __post_init__(self) -> None:
-        for name in ("header_timeout", "idle_timeout", "max_connections"):
+        for name in ("header_timeout", "idle_timeout", "max_connections", "shutdown_timeout"):
             if not getattr(self, name) > 0:
                 raise LlamitaError(f"{name} must be positive, not {getattr(self, name)}")
 
@@ -168,6 +173,8 @@ class Engine:
         self.metrics = Metrics()
         self._wake = threading.Condition()
         self._stopping = False
+        self._draining = False  # no new requests: the server is shutting down
+        self._aborting = False  # end every request now
         self._thread: threading.Thread | None = None
 
     # -- the asyncio side ------------------------------------------------------------------------
@@ -175,8 +182,8 @@ class Engine:
         """Queue a stream's requests; raises QueueFull past ``max_queue`` waiting requests."""
         stream = Stream(requests)
         with self._wake:
-            if self._stopping or not self.alive:
-                raise EngineStopped("the engine is not running")
+            if self._stopping or self._draining or not self.alive:
+                raise EngineStopped("the server is shutting down" if self._draining else "the engine is not running")
             if len(self.waiting) + len(requests) > self.max_queue:
                 self.metrics.outcomes["rejected"] += len(requests)
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (the limit is {self.max_queue})")
@@ -189,12 +196,33 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def serving(self) -> bool:
+        """Running and taking requests (not draining for a shutdown)."""
+        return self.alive and not self._draining
+
+    @property
     def running(self) -> int:
         return sum(job is not None for job in self.rows)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="llamita-engine", daemon=True)
         self._thread.start()
+
+    def drain(self, timeout: float) -> bool:
+        """For a graceful shutdown: refuse new requests, give the running and waiting ones up to
+        ``timeout`` seconds to finish, then end the rest (finish reason "abort", their text so far
+        kept). Blocks until none is left; True if all finished on their own."""
+        def idle() -> bool:
+            return not (self.running or self.waiting) or not self.alive
+
+        with self._wake:
+            self._draining = True
+            if self._wake.wait_for(idle, timeout):
+                return True
+            self._aborting = True
+            self._wake.notify_all()
+            self._wake.wait_for(idle, 60)  # the engine ends them at its next turn
+            return False
 
     def stop(self) -> None:
         with self._wake:
@@ -222,6 +250,8 @@ class Engine:
     def _next_turn(self) -> bool:
         """Drop cancelled requests; sleep while there is nothing to do; False once stopping."""
         with self._wake:
+            if self._aborting:
+                self._abort_all()
             for row, job in enumerate(self.rows):
                 if job is not None and job.stream.cancelled:
                     self._finish(row, "cancelled")
@@ -239,21 +269,28 @@ class Engine:
         with decode steps between them."""
         admitted: list[tuple[int, Job]] = []
         cached: list[int] = []
+        copied = 0
         with self._wake:
             free = [row for row, job in enumerate(self.rows) if job is None]
+            busy = [row for row, job in enumerate(self.rows) if job is not None]  # holding their prompts
             longest = 0
             while self.waiting and free:
                 request = self.waiting[0].request
-                row, n = self.cache.reuse(request.prompt_ids, free, share=not request.scores_prompt)
+                row, n, source = self.cache.reuse(request.prompt_ids, free, not request.scores_prompt, busy)
+                if admitted and self._worth_waiting(request, [job for _, job in admitted], n):
+                    break
                 longest = max(longest, len(request.prompt_ids) - n)
                 if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
                     break
+                if source is not None:
+                    self.cache.copy_prefix(source, row, n)
+                    copied += n
                 free.remove(row)
                 admitted.append((row, self.waiting.popleft()))
                 cached.append(n)
             for row, job in admitted:
                 self.rows[row] = job
-                self.cache.held[row] = []  # unknown until the request is done
+                self.cache.held[row] = []  # being written
         if not admitted:
             return
         requests = [job.request for _, job in admitted]
@@ -267,10 +304,20 @@ class Engine:
         self.metrics.prefills += 1
         self.metrics.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
         self.metrics.prompt_tokens_cached += sum(cached)
+        self.metrics.prompt_tokens_copied += copied
+        for row, job in admitted:  # until it is done, a row holds (at least) its prompt: a source to copy
+            self.cache.held[row] = job.request.prompt_ids
         now = time.perf_counter()
         for _, job in admitted:
             self.metrics.observe_ttft(now - job.stream.created)
         self._sample(admitted, logits)
+
+    @staticmethod
+    def _worth_waiting(request: Request, admitted: list[Job], cached: int) -> bool:
+        """Whether ``request`` shares a long start (a system prompt, a few-shot header) with a
+        request being prefilled this turn, past what it can reuse now: next turn it copies it."""
+        return any(common_prefix(request.prompt_ids, job.request.prompt_ids) - cached >= WORTH_WAITING
+                   for job in admitted)
 
     def _decode(self) -> None:
         """One forward pass for every running request. Rows past the last busy one are left out;
@@ -312,6 +359,21 @@ class Engine:
             self.cache.held[row] = [] if outcome == "error" else self.rows[row].request.fed_ids
         self.rows[row] = None
         self.metrics.outcomes[outcome] += 1
+        self._wake.notify_all()  # a drain may be waiting for the last one
+
+    def _abort_all(self) -> None:
+        """End every request now (a shutdown's time is up): each stream gets what its text held
+        back and a last event, "abort"; called with ``_wake`` held."""
+        for row, job in enumerate(self.rows):
+            if job is not None:
+                r = job.request
+                job.stream.push(Event(job.index, r.decoder.flush() + r.matcher.flush(), "abort"))
+                self._finish(row, "aborted")
+        while self.waiting:
+            job = self.waiting.popleft()
+            job.stream.push(Event(job.index, "", "abort"))
+            self.metrics.outcomes["aborted"] += 1
+        self._wake.notify_all()
 
     def _fail(self, row: int, job: Job, error: Exception) -> None:
         """Fail one request: its stream gets the error, its row is freed (its cache forgotten)."""
@@ -342,12 +404,17 @@ class Engine:
             "rejected (queue full), error.",
             "# TYPE llamita_requests_total counter",
             *(f'llamita_requests_total{{outcome="{k}"}} {m.outcomes[k]}'
-              for k in ("stop", "length", "cancelled", "rejected", "error")),
+              for k in ("stop", "length", "cancelled", "rejected", "aborted", "error")),
         ]
         for name, kind, value, doc in [
             ("prompt_tokens_total", "counter", m.prompt_tokens, "Prompt tokens of admitted requests."),
             ("prompt_tokens_cached_total", "counter", m.prompt_tokens_cached,
-             "Prompt tokens already in the request's KV-cache row (a prefix shared with the row's last request)."),
+             "Prompt tokens not computed: a prefix already in the request's KV-cache row (the row's last request's), "
+             "or copied there from another row."),
+            ("prompt_tokens_copied_total", "counter", m.prompt_tokens_copied,
+             "Of the cached prompt tokens, those copied from another row (a prefix shared across requests)."),
+            ("prefix_cache_hit_ratio", "gauge", round(m.prompt_tokens_cached / max(m.prompt_tokens, 1), 6),
+             "Share of prompt tokens taken from the cache rather than computed."),
             ("generated_tokens_total", "counter", m.generated_tokens, "Tokens sampled."),
             ("decode_steps_total", "counter", m.decode_steps, "Decoding forward passes (one per step, whole batch)."),
             ("prefills_total", "counter", m.prefills, "Prefill forward passes."),

@@ -353,8 +353,10 @@ router = APIRouter()
 
 
 def model_card(http: HttpRequest) -> dict[str, Any]:
+    """OpenAI's model object, with the context window per request as vLLM names it."""
     state = http.app.state
-    return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "llamita"}
+    return {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "llamita",
+            "max_model_len": state.engine.max_seq_len}
 
 
 @router.get("/v1/models")
@@ -404,19 +406,24 @@ async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
 def completion_prompts(llm: LLM, prompts: list[str] | list[list[int]]) -> tuple[list[str], list[list[int]]]:
     """Each prompt as text (as given, or decoded) and as token ids (encoded, or as given: checked
     against the vocabulary, since an id past it would fail inside the model)."""
-    vocab = min(llm.tokenizer.vocab_size, llm.model.config.vocab_size)
     texts, ids = [], []
     for p in prompts:
         if isinstance(p, str):
             texts.append(p)
             ids.append(llm.encode(p))
             continue
-        if max(p) >= vocab:
-            raise ApiError(400, f"token id {max(p)} is out of range: the vocabulary has {vocab} tokens (ids 0 to "
-                           f"{vocab - 1})", param="prompt", code="invalid_value")
+        check_ids(llm, p, "prompt")
         texts.append(llm.tokenizer.decode(p))
         ids.append(p)
     return texts, ids
+
+
+def check_ids(llm: LLM, ids: list[int], param: str) -> None:
+    """Token ids the model and tokenizer both know (an id past them fails deep inside)."""
+    vocab = min(llm.tokenizer.vocab_size, llm.model.config.vocab_size)
+    if ids and max(ids) >= vocab:
+        raise ApiError(400, f"token id {max(ids)} is out of range: the vocabulary has {vocab} tokens (ids 0 to "
+                       f"{vocab - 1})", param=param, code="invalid_value")
 
 
 @router.post("/v1/completions")
@@ -443,10 +450,46 @@ async def predict(http: HttpRequest, body: PredictBody) -> Response:
     return JSONResponse({"generation": results[0][0]}) if results else Response(status_code=499)
 
 
+class TokenizeBody(Body):
+    content: Text
+    add_special: bool = False  # BOS first, where the model's prompts start with it
+    parse_special: bool = False  # control-token text (``<s>``, ``<|im_start|>``) becomes those tokens
+    with_pieces: bool = False
+
+
+class DetokenizeBody(Body):
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+@router.post("/tokenize")
+async def tokenize(http: HttpRequest, body: TokenizeBody) -> dict[str, Any]:
+    """llama.cpp's /tokenize: ``{"tokens": [ids]}``, or ``[{"id", "piece"}]`` with ``with_pieces``
+    (each token's text where it stands). Plain text by default: llama.cpp parses control tokens
+    unless told not to; here text stays text unless ``parse_special`` asks."""
+    check_size(http, len(body.content), "content")
+    tok = http.app.state.llm.tokenizer
+    ids = await off_loop(http, lambda: tok.encode(body.content, bos=body.add_special and tok.add_bos,
+                                                  special=body.parse_special))
+    if not body.with_pieces:
+        return {"tokens": ids}
+    pieces = [token_texts(tok, ids[i - 1] if i else None, [t])[0] for i, t in enumerate(ids)]
+    return {"tokens": [{"id": i, "piece": piece} for i, piece in zip(ids, pieces)]}
+
+
+@router.post("/detokenize")
+async def detokenize(http: HttpRequest, body: DetokenizeBody) -> dict[str, Any]:
+    """llama.cpp's /detokenize: ``{"content": text}`` (control tokens written as their text)."""
+    llm = http.app.state.llm
+    check_ids(llm, body.tokens, "tokens")
+    return {"content": llm.tokenizer.decode(body.tokens)}
+
+
 @router.get("/health")
 async def health(http: HttpRequest) -> Response:
-    if not http.app.state.engine.alive:
-        return ApiError(503, "the engine is not running", type="server_error", code="unavailable").response()
+    engine = http.app.state.engine
+    if not engine.serving:
+        message = "the engine is not running" if not engine.alive else "the server is shutting down"
+        return ApiError(503, message, type="server_error", code="unavailable").response()
     return JSONResponse({"status": "ok"})
 
 
