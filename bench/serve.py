@@ -4,13 +4,16 @@ streaming clients, llamita's server against llama.cpp's (llama-cpp-python) on th
     python bench/serve.py     # the default model: llamita float32, int4, float16; llama.cpp
     python bench/serve.py --llamita int4 --clients 1 4 16
     python bench/serve.py --llama-cpp-python /path/to/venv/bin/python   # llama_cpp in another venv
+    python bench/serve.py --llamita float16 --clients 16 64 --system-tokens 300   # a shared system prompt
 
 Each server runs in its own subprocess on loopback with ``--threads`` threads. Each client streams one
 ``/v1/completions`` request (greedy, ``--max-tokens`` new tokens, a short story opening of its own as
 the prompt); all clients of a level start together. Time to first token is from sending the
 request to the first chunk with text; aggregate tokens/s is every client's tokens (from the usage
 chunk when the server sends one, else text chunks) over the time from the start to the last one
-done. llama-cpp-python's server runs with ``--interrupt_requests False`` (by default a new request
+done. With ``--system-tokens N``, each client streams a ``/v1/chat/completions`` request instead: a
+system prompt of about N tokens that all clients share, then a question of its own. llama-cpp-python's
+server runs with ``--interrupt_requests False`` (by default a new request
 aborts the stream in progress). Other processes' CPU load during the run is printed too.
 """
 
@@ -30,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -64,20 +68,36 @@ class Level:
         return self.tokens / self.seconds
 
 
-async def one_client(http: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int) -> tuple[float, int]:
-    """(time to first token, tokens) of one streamed completion."""
-    body = {"model": model, "prompt": prompt(i), "max_tokens": max_tokens, "temperature": 0, "stream": True,
+def system_prompt(tokens: int, count: Callable[[str], int]) -> str:
+    """A system prompt of at least ``tokens`` tokens (by ``count``), as long ones are: numbered rules."""
+    rules: list[str] = []
+    while count(" ".join(rules)) < tokens:
+        rules.append(f"Rule {len(rules) + 1}: answer briefly, kindly and in plain words.")
+    return " ".join(rules)
+
+
+async def one_client(http: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int,
+                     system: str | None) -> tuple[float, int]:
+    """(time to first token, tokens) of one streamed completion; with ``system``, a chat completion."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if system is None:
+        body["prompt"], path = prompt(i), "completions"
+    else:
+        question = f"Question {next(SENT)}: tell me about {NAMES[i % len(NAMES)]}'s village by the sea."
+        body["messages"], path = [{"role": "system", "content": system}, {"role": "user", "content": question}], \
+            "chat/completions"
     start = time.perf_counter()
     first, chunks, usage = None, 0, None
-    async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+    async with http.stream("POST", f"{url}/v1/{path}", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             data = json.loads(line[6:])
             usage = data.get("usage") or usage
-            if data.get("choices") and data["choices"][0].get("text"):
+            choice = data["choices"][0] if data.get("choices") else {}
+            if choice.get("text") or choice.get("delta", {}).get("content"):
                 chunks += 1
                 first = first or time.perf_counter()
     if first is None:
@@ -85,10 +105,11 @@ async def one_client(http: httpx.AsyncClient, url: str, model: str, i: int, max_
     return first - start, usage["completion_tokens"] if usage else chunks
 
 
-async def level(url: str, model: str, clients: int, max_tokens: int) -> Level:
+async def level(url: str, model: str, clients: int, max_tokens: int, system: str | None = None) -> Level:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_client(http, url, model, i, max_tokens) for i in range(clients)))
+        results = await asyncio.gather(*(one_client(http, url, model, i, max_tokens, system)
+                                         for i in range(clients)))
         seconds = time.perf_counter() - start
     return Level(clients, sum(n for _, n in results), seconds, [t for t, _ in results])
 
@@ -123,10 +144,10 @@ class Server:
         self.log.close()
 
 
-def measure(server: Server, clients: int, max_tokens: int) -> Level:
+def measure(server: Server, clients: int, max_tokens: int, system: str | None) -> Level:
     """One level against one server, with the other processes' load while it ran."""
     (busy0, own0), server0, t0 = cpu_ticks(), server.cpu_ticks(), time.monotonic()
-    result = asyncio.run(level(server.url, server.model, clients, max_tokens))
+    result = asyncio.run(level(server.url, server.model, clients, max_tokens, system))
     (busy, own), capacity = cpu_ticks(), (time.monotonic() - t0) * os.sysconf("SC_CLK_TCK") * os.cpu_count()
     result.others = max(0, (busy - busy0) - (own - own0) - (server.cpu_ticks() - server0)) / capacity
     return result
@@ -141,6 +162,8 @@ def main() -> None:
                              "--quantize float16")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--system-tokens", type=int, default=None,
+                        help="chat completions sharing a system prompt of about this many tokens")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=1, help="report the run with the median throughput")
     parser.add_argument("--port", type=int, default=8790, help="the first server's loopback port; then +1, +2")
@@ -148,9 +171,12 @@ def main() -> None:
                         help="a Python with llama_cpp[server] installed (default: this one, if it has it)")
     args = parser.parse_args()
 
-    from llamita import assets
+    from llamita import assets, load_tokenizer
 
     gguf = Path(args.source) if args.source else assets.default_model_path()
+    system = None
+    if args.system_tokens:
+        system = system_prompt(args.system_tokens, load_tokenizer(gguf).encode)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     commands = [(f"llamita {kind}", [sys.executable, "-m", "llamita", "serve", "--model", str(gguf),
                                      "--max-batch", str(max(args.clients)), "--max-seq-len", "1024",
@@ -182,7 +208,8 @@ def main() -> None:
             for clients in args.clients:
                 for server in servers:
                     print(f"run {run + 1}: {server.name}, {clients} clients", file=sys.stderr, flush=True)
-                    results.setdefault((server.name, clients), []).append(measure(server, clients, args.max_tokens))
+                    results.setdefault((server.name, clients), []).append(
+                        measure(server, clients, args.max_tokens, system))
     finally:
         for server in servers:
             server.close()
@@ -191,7 +218,9 @@ def main() -> None:
     print(f"- date: {datetime.date.today()}, Python {platform.python_version()}")
     print(f"- model: {gguf.name}")
     print(f"- command: `python {' '.join(sys.argv)}`")
-    print(f"- each client: one streamed /v1/completions, greedy, {args.max_tokens} new tokens; "
+    what = "/v1/completions" if system is None else \
+        f"/v1/chat/completions, a shared system prompt of {args.system_tokens}+ tokens and a question of its own"
+    print(f"- each client: one streamed {what}, greedy, {args.max_tokens} new tokens; "
           f"of {args.runs} run(s), the one with the median throughput\n")
     print("| server | clients | aggregate tokens/s | median TTFT (s) | max TTFT (s) | tokens | other load |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
