@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--parse-special", action="store_true",
+                   help="control tokens written in a text prompt (/v1/completions, /predict), like <s> or "
+                        "<|im_end|>, become their ids (default: plain text; chat messages: always plain text)")
     add_options(p, EngineConfig)
     add_options(p, Connections)
     p.set_defaults(func=cmd_serve)
@@ -321,7 +324,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     config = EngineConfig(**options_of(args, EngineConfig))  # checked before the model loads
     limits = Connections(**options_of(args, Connections))
-    serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits)
+    serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits,
+          parse_special=args.parse_special)
 
 
 def main(argv: list[str] | None = None) -> int:

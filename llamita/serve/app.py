@@ -60,9 +60,11 @@ class BodyLimit:
 
 
 def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: EngineConfig | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, **engine_options) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, parse_special: bool = False, **engine_options) -> FastAPI:
     """The server for one model; its engine thread runs while the app's lifespan does.
-    ``engine_options``: EngineConfig's fields, when no ``config`` is given."""
+    ``engine_options``: EngineConfig's fields, when no ``config`` is given. ``parse_special``: control
+    tokens written in text prompts (/v1/completions, /predict) become their ids for every request, as
+    a body's ``"parse_special": true`` asks for one; chat messages never do."""
     engine = Engine(llm.model, config or EngineConfig(**engine_options))
 
     @asynccontextmanager
@@ -76,6 +78,7 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
     app = FastAPI(title="llamita", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.llm, app.state.engine, app.state.model_name, app.state.started = llm, engine, model_name, int(time.time())
+    app.state.parse_special = parse_special
     # A prompt of more characters cannot fit in the window: refused before it is tokenized (routes.check_size).
     app.state.max_prompt_chars = engine.max_seq_len * llm.tokenizer.longest_token_chars
     add_error_handlers(app, max_body_bytes)
@@ -168,8 +171,8 @@ def protocol_class() -> type:
 
 def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           limits: Connections | None = None, **options) -> None:
-    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (``config``, or EngineConfig's
-    fields); ``limits``: on its connections."""
+    """Serve ``llm`` until interrupted; ``options`` go to ``create_app`` (``config``, ``parse_special``,
+    or EngineConfig's fields); ``limits``: on its connections."""
     import uvicorn
 
     name = Path(source).name if source else DEFAULT_MODEL_NAME
