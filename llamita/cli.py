@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health and the chat page "
                         "(repeatable; also $LLAMITA_API_KEY, comma-separated)")
+    p.add_argument("--parse-special", action="store_true",
+                   help="control tokens written in a text prompt (/v1/completions, /predict), like <s> or "
+                        "<|im_end|>, become their ids (default: plain text; chat messages: always plain text)")
     add_options(p, EngineConfig)
     add_options(p, Connections)
     p.set_defaults(func=cmd_serve)
@@ -326,7 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     limits = Connections(**options_of(args, Connections))
     api_keys(args.api_key)  # checked before the model loads too
     serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits,
-          api_key=args.api_key)
+          api_key=args.api_key, parse_special=args.parse_special)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,8 +86,10 @@ class LLM:
             raise LlamitaError("empty prompt: give some text (or a model that adds BOS)")
         return Request(prompt_ids, params, self.stop_ids, self.tokenizer, logprobs=logprobs, prompt_only=prompt_only)
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
+    def encode(self, prompt: str, special: bool = False) -> list[int]:
+        """A plain prompt's ids (BOS first where the checkpoint adds one). Its text stays text:
+        ``"<s>"`` or ``"<|im_end|>"`` in it are characters unless ``special=True`` parses them."""
+        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, special=special)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         return encode_chat(self.tokenizer, messages, self.template)

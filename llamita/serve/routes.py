@@ -139,10 +139,12 @@ class CompletionBody(OpenAIBody):
     max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone, to score it (with echo and logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    parse_special: bool = False  # control tokens written in a text prompt become their ids (else: text)
 
 
 class PredictBody(Sampling):
     text: Text
+    parse_special: bool = False
 
 
 # -- answers ------------------------------------------------------------------------------------
@@ -403,14 +405,15 @@ async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
     return await answer(http, body, Shape(True, http.app.state.model_name), [prompt], requests)
 
 
-def completion_prompts(llm: LLM, prompts: list[str] | list[list[int]]) -> tuple[list[str], list[list[int]]]:
+def completion_prompts(llm: LLM, prompts: list[str] | list[list[int]],
+                       special: bool = False) -> tuple[list[str], list[list[int]]]:
     """Each prompt as text (as given, or decoded) and as token ids (encoded, or as given: checked
     against the vocabulary, since an id past it would fail inside the model)."""
     texts, ids = [], []
     for p in prompts:
         if isinstance(p, str):
             texts.append(p)
-            ids.append(llm.encode(p))
+            ids.append(llm.encode(p, special))
             continue
         check_ids(llm, p, "prompt")
         texts.append(llm.tokenizer.decode(p))
@@ -435,7 +438,8 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
     given = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     for p in given:
         check_size(http, len(p), "prompt", "characters" if isinstance(p, str) else "tokens")
-    texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given))
+    special = body.parse_special or http.app.state.parse_special
+    texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given, special))
     requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo)  # 16: OpenAI's
     scoring = Scoring(llm.tokenizer, [t for t in texts for _ in range(body.n)], body.echo)
     return await answer(http, body, Shape(False, http.app.state.model_name, scoring), prompts, requests)
@@ -445,7 +449,8 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
 async def predict(http: HttpRequest, body: PredictBody) -> Response:
     """The Llama 2 articles' Flask endpoint: ``{"text"}`` in, its continuation as ``{"generation"}``."""
     check_size(http, len(body.text), "text")
-    prompt = await off_loop(http, lambda: http.app.state.llm.encode(body.text))
+    special = body.parse_special or http.app.state.parse_special
+    prompt = await off_loop(http, lambda: http.app.state.llm.encode(body.text, special))
     results = await collect(submit(http, requests_for(http, [prompt], body, 1, 256, "text")), http)
     return JSONResponse({"generation": results[0][0]}) if results else Response(status_code=499)
 
