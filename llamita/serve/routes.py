@@ -474,7 +474,7 @@ async def tokenize(http: HttpRequest, body: TokenizeBody) -> dict[str, Any]:
     check_size(http, len(body.content), "content")
     tok = http.app.state.llm.tokenizer
     ids = await off_loop(http, lambda: tok.encode(body.content, bos=body.add_special and tok.add_bos,
-                                                  special=body.parse_special))
+                                                  special=body.parse_special or http.app.state.parse_special))
     if not body.with_pieces:
         return {"tokens": ids}
     pieces = [token_texts(tok, ids[i - 1] if i else None, [t])[0] for i, t in enumerate(ids)]
