@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, TypeVar, Union
 
 from fastapi import APIRouter
@@ -441,6 +442,14 @@ async def predict(http: HttpRequest, body: PredictBody) -> Response:
     prompt = await off_loop(http, lambda: http.app.state.llm.encode(body.text))
     results = await collect(submit(http, requests_for(http, [prompt], body, 1, 256, "text")), http)
     return JSONResponse({"generation": results[0][0]}) if results else Response(status_code=499)
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> Response:
+    """The chat page (static/chat.html): public, as /health is, since it holds no data; the API
+    calls it makes carry the key typed into it."""
+    page = resources.files("llamita.serve").joinpath("static/chat.html").read_bytes()
+    return Response(page, media_type="text/html; charset=utf-8")
 
 
 @router.get("/health")
