@@ -1,6 +1,7 @@
 """The chat page at ``/`` in a real browser (Debian's headless Chromium, driven by Selenium through
 the system chromedriver), and the README's curl example run as written, both against ``llamita
-serve`` in a subprocess. Nothing waits on timing: the page's state is polled (WebDriverWait).
+serve`` in a subprocess; the page's API-key and error handling against a small stand-in server.
+Nothing waits on timing: the page's state is polled (WebDriverWait).
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import os
 import re
 import shutil
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx  # a missing test dependency fails the module loudly: no skips
 import pytest
@@ -94,12 +97,13 @@ def send(browser: WebDriver, wait: WebDriverWait, text: str, outcome: str = "don
     return replies(browser)[-1] if replies(browser) else None
 
 
-def greedy(url: str, messages: list[dict[str, str]]) -> str:
-    """The server's own non-streamed answer to the page's request."""
+def greedy(url: str, messages: list[dict[str, str]]) -> tuple[str, str]:
+    """The server's own non-streamed answer to the page's request: its text and finish_reason."""
     r = httpx.post(f"{url}/v1/chat/completions", timeout=GENERATION_S,
                    json={"messages": messages, "temperature": 0, "top_p": 1, "max_tokens": MAX_TOKENS})
     assert r.status_code == 200, r.text
-    return r.json()["choices"][0]["message"]["content"]
+    choice = r.json()["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
 
 
 def save_screenshot(browser: WebDriver, tmp_path: Path, name: str) -> Path:
@@ -136,7 +140,7 @@ def test_streamed_replies_are_the_greedy_answers(server, browser, tmp_path):
         reply = send(browser, wait, question)
         text = reply.get_property("textContent")
         messages.append({"role": "user", "content": question})
-        assert text and text == greedy(server, messages)
+        assert text and (text, reply.get_attribute("data-finish")) == greedy(server, messages)
         messages.append({"role": "assistant", "content": text})
         assert int(reply.get_attribute("data-chunks")) > 1  # several deltas...
         assert int(reply.get_attribute("data-reads")) > 1  # ...read off the body as they came
@@ -181,6 +185,92 @@ def metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics").text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
             if line and not line.startswith("#")}
+
+
+class KeyedServer(BaseHTTPRequestHandler):
+    """A stand-in for a server run with an API key (``sesame``): the page at /, 401 without the key, and
+    a stream that sends two pieces of text (one of them markup) and then an error object."""
+
+    PIECES = ("<b>Hel</b>", "lo")
+    requests: list[dict[str, Any]] = []
+
+    def do_GET(self) -> None:
+        if self.path == "/":
+            self.answer(200, resources.files("llamita.serve").joinpath("static/chat.html").read_bytes(), "text/html")
+        elif self.authorized():
+            self.answer(200, {"object": "list", "data": [{"id": "keyed-model", "context_length": 4096}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if not self.authorized():
+            return
+        self.requests.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for piece in self.PIECES:
+            self.event({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]})
+        self.event({"error": {"message": "the engine failed mid-stream", "type": "server_error"}})
+
+    def authorized(self) -> bool:
+        if self.headers.get("Authorization") == "Bearer sesame":
+            return True
+        self.answer(401, {"error": {"message": "a valid API key is required", "type": "invalid_request_error"}})
+        return False
+
+    def answer(self, status: int, body: bytes | dict, kind: str = "application/json") -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def event(self, data: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+        self.wfile.flush()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def keyed_server() -> Iterator[str]:
+    KeyedServer.requests = []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), KeyedServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        thread.join()
+
+
+def test_api_key_401_and_an_error_in_the_stream(keyed_server, browser):
+    """Without a key the page says it needs one; with it, every call carries it (and it outlives a
+    reload); model text is shown as text; an error object in the stream is shown, the text before it kept."""
+    browser.get(f"{keyed_server}/")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.1)
+    wait.until(lambda d: "API key" in d.find_element(By.ID, "error").text)
+    send(browser, wait, "Hi", outcome="error")
+    assert "API key" in browser.find_element(By.ID, "error").text and "401" in browser.find_element(By.ID, "error").text
+    assert browser.find_element(By.ID, "prompt").get_property("value") == "Hi"
+    assert KeyedServer.requests == []
+
+    fill(browser, "api-key", "sesame")
+    browser.find_element(By.ID, "system").click()  # the key field's change event
+    wait.until(lambda d: d.find_element(By.ID, "model").text == "keyed-model · context 4096 tokens")
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    reply = send(browser, wait, "Hi", outcome="error")
+    assert browser.find_element(By.ID, "error").text == "the engine failed mid-stream"
+    assert reply.get_property("textContent") == "".join(KeyedServer.PIECES)  # markup shown as text...
+    assert not reply.find_elements(By.TAG_NAME, "b")  # ...not made into elements
+    assert [(r["stream"], r["messages"]) for r in KeyedServer.requests] == [(True, [{"role": "user", "content": "Hi"}])]
+
+    browser.refresh()
+    wait.until(lambda d: d.find_element(By.ID, "model").text.startswith("keyed-model"))
+    assert browser.find_element(By.ID, "api-key").get_property("value") == "sesame"
 
 
 def test_the_readme_curl_example_runs_as_written(server):
