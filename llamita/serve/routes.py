@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, TypeVar, Union
 
 from fastapi import APIRouter
@@ -487,6 +488,14 @@ async def detokenize(http: HttpRequest, body: DetokenizeBody) -> dict[str, Any]:
     llm = http.app.state.llm
     check_ids(llm, body.tokens, "tokens")
     return {"content": llm.tokenizer.decode(body.tokens)}
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> Response:
+    """The chat page (static/chat.html): public, as /health is, since it holds no data; the API
+    calls it makes carry the key typed into it."""
+    page = resources.files("llamita.serve").joinpath("static/chat.html").read_bytes()
+    return Response(page, media_type="text/html; charset=utf-8")
 
 
 @router.get("/health")
