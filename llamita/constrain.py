@@ -84,12 +84,12 @@ class Constraint:
         including the model's padding past the tokenizer's vocabulary."""
         if self.matcher.is_error():
             raise LlamitaError(f"grammar: {self.matcher.get_error()}")
-        allowed = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8).bool()
+        allowed = torch.frombuffer(bytearray(self.matcher.compute_logit_bias()), dtype=torch.uint8)  # 0: forbidden
         if self.eos_id is not None:
-            allowed[self.eos_id] = False
-        allowed[self.stop_ids] = self.matcher.is_accepting()
+            allowed[self.eos_id] = 0
+        allowed[self.stop_ids] = int(self.matcher.is_accepting())
         n = min(self.vocab_size, logits.shape[-1])
-        logits[:n].masked_fill_(~allowed[:n], float("-inf"))
+        logits[:n].masked_fill_(allowed[:n] == 0, float("-inf"))
         logits[n:] = float("-inf")
         return logits
 
