@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
+import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -36,6 +35,9 @@ from outlines_core.kernels.torch import fill_next_token_bitmask
 from llamita.constrain import json_constraint, json_grammar, ll_tokenizer, token_bytes
 from llamita.generate import generate
 from llamita.llm import LLM
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import cpu_ticks, machine, others_load  # noqa: E402  (the sibling bench's helpers)
 
 STRING = {"type": "string", "maxLength": 24}
 SCHEMAS = {
@@ -66,13 +68,6 @@ SCHEMAS = {
     },
 }
 PROMPT = [{"role": "user", "content": "Give me an example record as JSON."}]
-
-
-def cpu_model() -> str:
-    info = Path("/proc/cpuinfo").read_text()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.processor())
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 def token_path(llm: LLM, schema: dict, tokens: int) -> list[int]:
@@ -110,10 +105,10 @@ def llguidance_rows(llm: LLM, schema: dict, path: list[int], runs: int) -> dict[
 
     logits = torch.zeros(llm.model.config.vocab_size)
 
-    def ours(constraint, token):  # Constraint.mask on a row of logits, then advance
+    def ours(constraint, token):  # Constraint.mask on a copy of a row of logits (as Request does), then advance
         if constraint is None:
             return json_constraint(llm.tokenizer, schema, llm.stop_ids)
-        constraint.mask(logits.clone())
+        constraint.mask(torch.from_numpy(logits.numpy().copy()))
         constraint.advance(token)
 
     return {"compile_ms": compile_ms, "mask_us": per_token_us(bare, path, runs),
@@ -146,18 +141,14 @@ def outlines_vocabulary(llm: LLM) -> outlines_core.Vocabulary:
     return outlines_core.Vocabulary(llm.tokenizer.eos_id, by_bytes)
 
 
-def tokens_per_second(llm: LLM, schema: dict | None, tokens: int, batch: int, runs: int) -> float:
-    """Median tokens/s of ``batch`` greedy replies decoded together (sampling and masks included)."""
+def tokens_per_second(llm: LLM, schema: dict | None, tokens: int, batch: int) -> float:
+    """Tokens/s of ``batch`` greedy replies decoded together (prefill, sampling and masks included)."""
     prompt = llm.encode_chat(PROMPT)
-    speeds = []
-    for _ in range(runs):
-        requests = [llm.request(prompt, json_schema=schema, temperature=0, max_new_tokens=tokens)
-                    for _ in range(batch)]
-        start = time.perf_counter()
-        for _ in generate(llm.model, requests):
-            pass
-        speeds.append(sum(len(r.output_ids) for r in requests) / (time.perf_counter() - start))
-    return statistics.median(speeds)
+    requests = [llm.request(prompt, json_schema=schema, temperature=0, max_new_tokens=tokens) for _ in range(batch)]
+    start = time.perf_counter()
+    for _ in generate(llm.model, requests):
+        pass
+    return sum(len(r.output_ids) for r in requests) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -167,6 +158,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    ticks, began = cpu_ticks(), time.perf_counter()
     llm = LLM.load(quantize="none", dtype=torch.float32)
     start = time.perf_counter()
     ll_tokenizer(llm.tokenizer)
@@ -175,7 +167,7 @@ def main() -> None:
     vocabulary = outlines_vocabulary(llm)
     oc_setup = time.perf_counter() - start
 
-    print(f"Machine: {cpu_model()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
+    print(f"Machine: {machine()}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
           f"torch {torch.__version__}, llguidance {version('llguidance')}, outlines-core {version('outlines_core')}; "
           f"vocabulary {llm.tokenizer.vocab_size} tokens (read once: llguidance {ll_setup:.2f} s, "
           f"outlines-core {oc_setup:.2f} s)\n")
@@ -192,11 +184,13 @@ def main() -> None:
     print("\n| decoding (default model, float32, greedy) | batch | tokens/s |")
     print("|---|---|---|")
     schema = SCHEMAS["nested + enums"]
-    for batch in (1, 8):
-        free = tokens_per_second(llm, None, args.tokens, batch, args.runs)
-        constrained = tokens_per_second(llm, schema, args.tokens, batch, args.runs)
+    for batch in (1, 8):  # free and constrained runs alternate, so that the host's load drifts over both
+        runs = [(tokens_per_second(llm, None, args.tokens, batch), tokens_per_second(llm, schema, args.tokens, batch))
+                for _ in range(args.runs)]
+        free, constrained = (statistics.median(speeds) for speeds in zip(*runs))
         print(f"| free | {batch} | {free:.1f} |")
         print(f"| JSON schema (nested + enums) | {batch} | {constrained:.1f} ({constrained / free - 1:+.0%}) |")
+    print(f"\nOther processes' share of the CPU during the run: {others_load(ticks, time.perf_counter() - began):.0%}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,9 @@ class Request:
             # Sized by the model's vocabulary, which may exceed the tokenizer's (padded embeddings).
             self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
             self.seen[torch.tensor(self.prompt_ids + self.output_ids, dtype=torch.long)] = True
-        row = logits.cpu() if self.constraint is None else self.constraint.mask(logits.to("cpu", copy=True))
+        row = logits.cpu()
+        if self.constraint is not None:  # numpy's copy: one thread (see Constraint.mask)
+            row = self.constraint.mask(torch.from_numpy(row.float().numpy().copy()))
         token = sample(row, self.params, self.generator, self.seen)
         if self.logprobs is not None:
             self.logprobs.add(logits[None], [token])
