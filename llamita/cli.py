@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Callable
 
 from llamita.errors import LlamitaError
@@ -47,13 +48,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "eager once torch's compile cache holds it, then faster (docs/speed.md)")
     add_options(p, SamplingParams)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help='reply with JSON that this schema (a JSON file) accepts; {"type": "object"}: any object')
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
     """The sampling flags, checked here, before a model takes seconds to load, rather than at the first request."""
+    from llamita.constrain import json_grammar
+    from llamita.files import read_json
+
     options = options_of(args, SamplingParams)
     SamplingParams(**options)  # its checks (temperatures below GREEDY_BELOW sample greedily)
-    return {**options, "truncate": args.truncate}
+    schema = None
+    if args.json_schema is not None:
+        schema = read_json(Path(args.json_schema))
+        json_grammar(schema, what=f"--json-schema {args.json_schema}")  # unsupported keywords named now
+    return {**options, "truncate": args.truncate, "json_schema": schema}
 
 
 def finite_float(text: str) -> float:

@@ -9,6 +9,7 @@ import torch
 
 from llamita.cache import KVCache
 from llamita.chat import Message, encode_chat, resolve_template, stop_token_ids
+from llamita.constrain import json_constraint
 from llamita.errors import LlamitaError
 from llamita.formats import detect, hf, load_model, model_from_checkpoint, read_checkpoint
 from llamita.formats.gguf import stored_kind
@@ -71,9 +72,11 @@ class LLM:
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, prompt_ids: list[int], *, truncate: bool = False, logprobs: Logprobs | None = None,
-                prompt_only: bool = False, **options) -> Request:
+                prompt_only: bool = False, json_schema: dict | None = None, **options) -> Request:
         """A Request for ``prompt_ids``; options are SamplingParams fields. ``logprobs``: what to
-        collect of its tokens' log-probabilities; ``prompt_only``: generate nothing (to score the prompt)."""
+        collect of its tokens' log-probabilities; ``prompt_only``: generate nothing (to score the prompt);
+        ``json_schema``: the output is JSON that this schema accepts (``{"type": "object"}``: any
+        object), and ends as soon as it is complete (a SchemaError if llguidance cannot compile it)."""
         params = SamplingParams(**options)
         limit = self.model.config.max_seq_len - 1  # room for at least one new token
         if len(prompt_ids) > limit:
@@ -84,7 +87,9 @@ class LLM:
             prompt_ids = prompt_ids[-limit:]
         if not prompt_ids:
             raise LlamitaError("empty prompt: give some text (or a model that adds BOS)")
-        return Request(prompt_ids, params, self.stop_ids, self.tokenizer, logprobs=logprobs, prompt_only=prompt_only)
+        constraint = None if json_schema is None else json_constraint(self.tokenizer, json_schema, self.stop_ids)
+        return Request(prompt_ids, params, self.stop_ids, self.tokenizer, logprobs=logprobs, prompt_only=prompt_only,
+                       constraint=constraint)
 
     def encode(self, prompt: str, special: bool = False) -> list[int]:
         """A plain prompt's ids (BOS first where the checkpoint adds one). Its text stays text:

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.types import Receive, Scope, Send
 
+from llamita.constrain import ANY_OBJECT, SchemaError
 from llamita.errors import LlamitaError
 from llamita.generate import Request
 from llamita.llm import LLM
@@ -84,11 +85,42 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(Body):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that a schema accepts."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema: {"name", "schema"}')
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow; None for free text."""
+        if self.type == "json_schema":
+            return self.json_schema.schema_
+        return ANY_OBJECT if self.type == "json_object" else None
+
+
 class OpenAIBody(Sampling):
     model: str | None = None  # accepted whatever it names: this server serves one model
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema ``response_format`` asks the output to follow; None for free text."""
+        return self.response_format.output_schema() if self.response_format else None
 
 
 class TextPart(Body):
@@ -298,9 +330,10 @@ class EventStream(StreamingResponse):
 # -- requests for the engine ------------------------------------------------------------------------
 def requests_for(http: HttpRequest, prompts: list[list[int]], body: Sampling, n: int,
                  default_max_tokens: int | None, param: str, logprobs: int | None = None,
-                 echo: bool = False) -> list[Request]:
+                 echo: bool = False, json_schema: dict[str, Any] | None = None) -> list[Request]:
     """``n`` Requests per prompt, checked against the context window (seeds seed, seed+1, ...);
-    ``logprobs``: alternatives per token to report, over the prompt too with ``echo``."""
+    ``logprobs``: alternatives per token to report, over the prompt too with ``echo``;
+    ``json_schema``: what JSON the output must be (``response_format``)."""
     llm, window = http.app.state.llm, http.app.state.engine.max_seq_len
     requests = []
     for ids in prompts:
@@ -322,7 +355,10 @@ def requests_for(http: HttpRequest, prompts: list[list[int]], body: Sampling, n:
                     prompt_only=max_tokens == 0, max_new_tokens=max(max_tokens, 1),
                     temperature=body.temperature, top_p=body.top_p,
                     top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=body.stop or [],
-                    seed=None if body.seed is None else body.seed + j))
+                    seed=None if body.seed is None else body.seed + j, json_schema=json_schema))
+            except SchemaError as e:
+                raise ApiError(400, f"response_format.json_schema.schema: {e.reason}", param="response_format",
+                               code="invalid_value") from None
             except LlamitaError as e:
                 raise ApiError(400, str(e), param=param) from None
     return requests
@@ -402,7 +438,7 @@ async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
         prompt = await off_loop(http, lambda: http.app.state.llm.encode_chat(messages))
     except LlamitaError as e:
         raise ApiError(400, str(e), param="messages") from None
-    requests = requests_for(http, [prompt], body, body.n, None, "messages")
+    requests = requests_for(http, [prompt], body, body.n, None, "messages", json_schema=body.output_schema())
     return await answer(http, body, Shape(True, http.app.state.model_name), [prompt], requests)
 
 
@@ -441,7 +477,8 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
         check_size(http, len(p), "prompt", "characters" if isinstance(p, str) else "tokens")
     special = body.parse_special or http.app.state.parse_special
     texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given, special))
-    requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo)  # 16: OpenAI's
+    requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo,  # 16: OpenAI's
+                            json_schema=body.output_schema())
     scoring = Scoring(llm.tokenizer, [t for t in texts for _ in range(body.n)], body.echo)
     return await answer(http, body, Shape(False, http.app.state.model_name, scoring), prompts, requests)
 
