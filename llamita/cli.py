@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from llamita.errors import LlamitaError
+from llamita.generate import Speculation
 from llamita.sampling import SamplingParams
 from llamita.serve.engine import Connections, EngineConfig
 from llamita.train import TrainConfig
@@ -50,6 +51,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
     p.add_argument("--json-schema", default=None, metavar="FILE",
                    help='reply with JSON that this schema (a JSON file) accepts; {"type": "object"}: any object')
+    add_options(p, Speculation)
+    p.add_argument("--verbose", action="store_true",
+                   help="after each reply, print speculation's acceptance and tokens per pass on stderr")
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
@@ -137,11 +141,19 @@ def load_llm(args: argparse.Namespace):
     from llamita.llm import LLM
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    speculation = options_of(args, Speculation)
+    Speculation(**speculation)  # its checks, before the model loads
     if getattr(args, "compile", False):
         print("llamita: --compile: the first reply waits while torch.compile builds the decoding step "
               "(about a minute on 2 CPU cores)", file=sys.stderr)
     return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template,
-                    adapter=args.adapter, compile=getattr(args, "compile", False))
+                    adapter=args.adapter, compile=getattr(args, "compile", False), **speculation)
+
+
+def report(llm, args: argparse.Namespace) -> None:
+    """--verbose: the last reply's speculation statistics, on stderr."""
+    if getattr(args, "verbose", False) and llm.last_stats is not None:
+        print(f"llamita: {llm.last_stats.line()}", file=sys.stderr)
 
 
 STRICT_UTF8 = ("utf-8", "strict")
@@ -166,6 +178,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     for text in llm.stream(prompt, **options):
         print(text, end="", flush=True)
     print()
+    report(llm, args)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -208,6 +221,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
             reply += text
             print(text, end="", flush=True)
         print(flush=True)
+        report(llm, args)
         history.append({"role": "assistant", "content": reply})
 
 

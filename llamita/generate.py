@@ -9,18 +9,21 @@ of its own. The server's engine drives the same pieces for requests that come an
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
 
-from llamita.cache import KVCache, causal_mask
+from llamita.cache import KVCache, causal_mask, common_prefix
 from llamita.constrain import Constraint
+from llamita.errors import LlamitaError
 from llamita.logprobs import Logprobs
 from llamita.model import Llama
-from llamita.sampling import SamplingParams, sample
+from llamita.options import option
+from llamita.sampling import GREEDY_BELOW, SamplingParams, distribution, sample, verify_draft
 from llamita.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -122,10 +125,14 @@ class Request:
             return ""
         return self.accept(self.next_token(logits), max_seq_len)
 
-    def next_token(self, logits: Tensor) -> int:
+    def next_token(self, logits: Tensor, draft: int | None = None, q: Tensor | None = None) -> int:
         """A token sampled from ``logits`` [vocab], its log-probability recorded if asked for
         (before ``accept``, so that a stop token has its entry too). A constraint masks a copy:
-        sampling sees the allowed tokens only, the log-probabilities are the model's own."""
+        sampling sees the allowed tokens only, the log-probabilities are the model's own.
+
+        ``draft``: a token a draft proposed from its distribution ``q`` (None: for certain), kept or
+        replaced by the rejection rule (``verify_draft``): the token is distributed as sampling from
+        ``logits`` would have it, and under greedy decoding it is that very token."""
         if self.params.repetition_penalty != 1.0 and self.seen is None:
             # Sized by the model's vocabulary, which may exceed the tokenizer's (padded embeddings).
             self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
@@ -133,7 +140,10 @@ class Request:
         row = logits.cpu()
         if self.constraint is not None:  # numpy's copy: one thread (see Constraint.mask)
             row = self.constraint.mask(torch.from_numpy(row.float().numpy().copy()))
-        token = sample(row, self.params, self.generator, self.seen)
+        if draft is None:
+            token = sample(row, self.params, self.generator, self.seen)
+        else:
+            token = verify_draft(distribution(row, self.params, self.seen), q, draft, self.generator)
         if self.logprobs is not None:
             self.logprobs.add(logits[None], [token])
         return token
@@ -268,3 +278,163 @@ def complete(model: Llama, cache: KVCache, requests: list[Request], forward: Cal
                 return
             tokens = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
             logits = decode_step(model, cache, tokens, [r.position for r in requests], forward)
+
+
+# -- speculative decoding ---------------------------------------------------------------------------------
+# Decoding reads every weight once per token; a target model can instead check k guessed tokens in one
+# forward pass (k + 1 positions), keeping each by the rejection rule (``Request.next_token`` with a
+# draft), so the output is distributed as plain sampling's and greedy output is plain greedy output.
+
+
+def extend(model: Llama, cache: KVCache, tokens: list[int], start: int) -> Tensor:
+    """Feed one sequence's ``tokens`` into row 0 of ``cache`` from position ``start``; logits [T, vocab].
+    What the row held past ``start`` (rejected draft tokens) is overwritten, and masked until it is."""
+    positions = torch.arange(start, start + len(tokens), device=cache.device)[None]
+    length = start + len(tokens)
+    ids = torch.tensor([tokens], device=cache.device)
+    return model(ids, positions, mask=causal_mask(positions, length), kv=cache.sequence_step(positions[0], length))[0]
+
+
+@dataclass
+class Speculation:
+    """How a single stream speculates (``LLM.load``, ``llamita generate/chat``)."""
+
+    draft: str | None = option(None, "speculative decoding: a smaller model with the same tokenizer proposes tokens, "
+                                     "or 'self-int4': the model's own weights in 4 bits")
+    draft_tokens: int = option(4, "tokens the draft proposes per pass of the model (--draft, --lookup)")
+    lookup: int | None = option(None, "prompt-lookup decoding: the draft is what followed the last N (N..1) tokens' "
+                                      "latest earlier occurrence in the prompt and output")
+
+    def __post_init__(self) -> None:
+        if self.draft is not None and self.lookup is not None:
+            raise LlamitaError("--draft and --lookup are two kinds of draft: give one")
+        if self.draft_tokens < 1:
+            raise LlamitaError("draft_tokens must be at least 1")
+        if self.lookup is not None and self.lookup < 1:
+            raise LlamitaError("lookup (the n-gram size) must be at least 1")
+
+    @property
+    def on(self) -> bool:
+        return self.draft is not None or self.lookup is not None
+
+
+@dataclass
+class SpeculationStats:
+    """What speculation gained: tokens drafted and kept, target passes, tokens they produced."""
+
+    drafted: int = 0
+    accepted: int = 0
+    passes: int = 0  # verification passes of the target (the prompt's pass not counted)
+    tokens: int = 0  # tokens those passes produced (kept drafts, replacements, bonus tokens; stops included)
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.tokens / self.passes if self.passes else 0.0
+
+    def line(self) -> str:
+        return (f"speculation: {self.accepted}/{self.drafted} drafted tokens accepted ({self.acceptance:.0%}), "
+                f"{self.tokens_per_pass:.2f} tokens per target pass ({self.passes} passes)")
+
+
+class Drafter(Protocol):
+    def propose(self, request: Request, k: int) -> tuple[list[int], Tensor | None]:
+        """Up to ``k`` tokens to follow ``request``'s prompt and output, and the distributions [n, vocab]
+        they were drawn from (None: proposed for certain)."""
+
+
+class LookupDrafter:
+    """Prompt-lookup decoding (Saxena 2023; llama.cpp's and transformers' prompt lookup): the tokens that
+    followed the latest earlier occurrence of the text's last ``n`` tokens (then n - 1, ... 1). Free to
+    compute, and right wherever the output copies its prompt: summaries, edits, code."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def propose(self, request: Request, k: int) -> tuple[list[int], Tensor | None]:
+        ids = request.prompt_ids + request.output_ids
+        for n in range(min(self.n, len(ids) - 1), 0, -1):
+            tail = ids[-n:]
+            for start in range(len(ids) - n - 1, -1, -1):
+                if ids[start: start + n] == tail:
+                    return ids[start + n: start + n + k], None
+        return [], None
+
+
+class ModelDrafter:
+    """A draft model in a KV cache of its own, which holds (``held``) the tokens fed so far: each round it
+    is fed what the text gained since (rejected tokens fall out by the common prefix; their slots are
+    overwritten), then proposes k tokens one at a time, sampled with the request's own settings."""
+
+    def __init__(self, model: Llama):
+        self.model = model
+        self.cache: KVCache | None = None
+
+    def propose(self, request: Request, k: int) -> tuple[list[int], Tensor | None]:
+        ids = request.prompt_ids + request.output_ids
+        # The target's context may be longer than the draft's own: its cache follows the target's.
+        size = cache_size_for(len(ids) + k, max(self.model.config.max_seq_len, len(ids) + k), compiled=True)
+        if self.cache is None or self.cache.slots < size:
+            self.cache = KVCache(self.model, 1, size)
+        held = min(common_prefix(self.cache.held[0], ids), len(ids) - 1)
+        self.cache.held[0] = []  # unknown until the proposal is done
+        logits = extend(self.model, self.cache, ids[held:], held)[-1]
+        seen = None if request.seen is None else request.seen.clone()
+        tokens, qs = [], []
+        for i in range(k):
+            q = distribution(logits.cpu(), request.params, seen)
+            token = int(q.argmax()) if request.params.temperature < GREEDY_BELOW else \
+                int(torch.multinomial(q, 1, generator=request.generator))
+            tokens.append(token)
+            qs.append(q)
+            if seen is not None and token < seen.shape[0]:
+                seen[token] = True
+            if i + 1 < k:
+                logits = extend(self.model, self.cache, [token], len(ids) + i)[-1]
+        self.cache.held[0] = ids + tokens[:-1]
+        return tokens, torch.stack(qs)
+
+
+def self_int4(model: Llama) -> Llama:
+    """The model's own weights quantized to int4, a draft that agrees with it almost always and reads a
+    quarter of the bytes (an eighth of float32's); the model itself is unchanged."""
+    from llamita.quantize import quantize
+
+    if not any(isinstance(m, torch.nn.Linear) for m in model.layers.modules()):
+        raise LlamitaError("--draft self-int4 needs a float model (its layers are quantized already): "
+                           "load it with --quantize none")
+    return quantize(copy.deepcopy(model), "int4")
+
+
+def speculate(model: Llama, cache: KVCache, request: Request, drafter: Drafter, k: int,
+              stats: SpeculationStats | None = None, cached: int = 0) -> Iterator[str]:
+    """``complete`` for one request in row 0 of ``cache``, ``k`` drafted tokens checked per target pass;
+    yields new text. Kept tokens go through ``Request.accept`` one by one, so EOS, stop strings and
+    limits end the text exactly where plain decoding would; the cache needs no roll-back: the next pass
+    writes from the first position that was not kept, and the mask hides anything beyond it."""
+    stats = stats if stats is not None else SpeculationStats()
+    max_seq_len = model.config.max_seq_len
+    with torch.inference_mode():
+        text = request.step(prefill(model, cache, [request], cached=[cached])[0], max_seq_len)
+        if text:
+            yield text
+        while request.finish_reason is None:
+            start = request.position
+            room = min(k, request.params.max_new_tokens - len(request.output_ids) - 1, cache.slots - 1 - start)
+            drafts, qs = drafter.propose(request, room) if room > 0 else ([], None)
+            logits = extend(model, cache, [request.output_ids[-1], *drafts], start)
+            stats.passes += 1
+            stats.drafted += len(drafts)
+            for i in range(len(drafts) + 1):
+                draft = drafts[i] if i < len(drafts) else None  # past the drafts: the bonus token
+                token = request.next_token(logits[i], draft, None if qs is None or draft is None else qs[i])
+                stats.accepted += token == draft
+                stats.tokens += 1
+                text = request.accept(token, max_seq_len)
+                if text:
+                    yield text
+                if request.finish_reason is not None or token != draft:
+                    break

@@ -13,7 +13,20 @@ from llamita.constrain import json_constraint
 from llamita.errors import LlamitaError
 from llamita.formats import detect, hf, load_model, model_from_checkpoint, read_checkpoint
 from llamita.formats.gguf import stored_kind
-from llamita.generate import Request, cache_size_for, compile_decoding, complete, generate
+from llamita.generate import (
+    Drafter,
+    LookupDrafter,
+    ModelDrafter,
+    Request,
+    Speculation,
+    SpeculationStats,
+    cache_size_for,
+    compile_decoding,
+    complete,
+    generate,
+    self_int4,
+    speculate,
+)
 from llamita.logprobs import Logprobs
 from llamita.model import Llama
 from llamita.peft import adapter_template, load_adapter
@@ -32,21 +45,40 @@ def trained_template_of(source: str | Path | None, adapter: str | Path | None) -
     return hf.trained_template(path) if fmt == "hf" else None
 
 
+def check_same_vocabulary(model: Llama, tokenizer: Tokenizer, draft: Llama, draft_tokenizer: Tokenizer,
+                          name: str) -> None:
+    """A draft must number tokens as the model does: its proposals are ids, checked against the model's."""
+    sizes = (model.config.vocab_size, tokenizer.vocab_size), (draft.config.vocab_size, draft_tokenizer.vocab_size)
+    if sizes[0] != sizes[1]:
+        raise LlamitaError(f"--draft {name}: its vocabulary (model {sizes[1][0]}, tokenizer {sizes[1][1]} tokens) "
+                           f"is not the model's ({sizes[0][0]}, {sizes[0][1]}): a draft needs the same tokenizer")
+    for i in range(tokenizer.vocab_size):
+        if tokenizer.id_to_token(i) != draft_tokenizer.id_to_token(i):
+            raise LlamitaError(f"--draft {name}: token {i} is {draft_tokenizer.id_to_token(i)!r}, the model's is "
+                               f"{tokenizer.id_to_token(i)!r}: a draft needs the same tokenizer")
+
+
 class LLM:
     """A model with its tokenizer and chat format: the Python face of ``llamita generate/chat``."""
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto", compile: bool = False):
+    def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto", compile: bool = False,
+                 drafter: Drafter | None = None, draft_tokens: int = 4):
+        """``drafter``: single streams (``stream``, ``generate``, ``chat``) decode speculatively, checking
+        ``draft_tokens`` of its tokens per pass of the model; batches decode plainly."""
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
         self.stop_ids = frozenset(stop_token_ids(tokenizer, template))
         self.forward = compile_decoding(model) if compile else None
         self.cache: KVCache | None = None  # _run_one's, kept from call to call
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.last_stats: SpeculationStats | None = None  # the last speculative stream's, while and after it runs
 
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu", quantize: str = "auto", template: str | None = None,
-             adapter: str | Path | None = None, compile: bool = False) -> "LLM":
+             adapter: str | Path | None = None, compile: bool = False, draft: str | Path | None = None,
+             draft_tokens: int = 4, lookup: int | None = None) -> "LLM":
         """``quantize``: "auto" (the default) keeps a quantized GGUF file's weights quantized as
         stored (4-bit stays 4-bit) and loads other checkpoints as they are; "none" dequantizes;
         "int4" / "int8": weight-only quantized layers, the fast path for decoding on CPU, quantized
@@ -55,8 +87,18 @@ class LLM:
         (``compile_decoding``): a minute's wait on first use (docs/speed.md). ``template``: the
         chat format; by default the one the adapter (or the fine-tuned checkpoint) was trained
         with, else the checkpoint's own ("auto"). An adapter is folded into float weights, which
-        are then quantized as asked ("auto": as they were stored)."""
+        are then quantized as asked ("auto": as they were stored).
+
+        Speculative decoding of single streams (docs/speed.md): ``draft``, a smaller model with the same
+        tokenizer (loaded with the same dtype, device and quantize), or "self-int4" (this model's
+        weights in int4), proposes ``draft_tokens`` tokens a pass; ``lookup=n``: prompt-lookup
+        decoding, the draft copied from the prompt and output after the last n-gram's earlier
+        occurrence."""
+        spec = Speculation(None if draft is None else str(draft), draft_tokens, lookup)
         check_kind(quantize, device)
+        if compile and spec.on:
+            raise LlamitaError("--compile and speculative decoding (--draft, --lookup) cannot be combined: "
+                               "the compiled step takes one token a pass")
         if compile and quantize == "float16":
             raise LlamitaError("--compile cannot trace float16 layers (fbgemm's packed weights): drop --compile, "
                                "or use --quantize int4")
@@ -68,7 +110,17 @@ class LLM:
             load_adapter(model, adapter, merge=True)
             quantize_model(model, stored_kind(ckpt) if quantize == "auto" else quantize)
         template = template or trained_template_of(source, adapter) or "auto"
-        return cls(model, load_tokenizer(source), template, compile)
+        tokenizer = load_tokenizer(source)
+        drafter: Drafter | None = None
+        if spec.lookup is not None:
+            drafter = LookupDrafter(spec.lookup)
+        elif spec.draft == "self-int4":
+            drafter = ModelDrafter(self_int4(model))
+        elif spec.draft is not None:
+            draft_model = load_model(spec.draft, dtype=dtype, device=device, quantize=quantize)
+            check_same_vocabulary(model, tokenizer, draft_model, load_tokenizer(spec.draft), spec.draft)
+            drafter = ModelDrafter(draft_model)
+        return cls(model, tokenizer, template, compile, drafter, spec.draft_tokens)
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, prompt_ids: list[int], *, truncate: bool = False, logprobs: Logprobs | None = None,
@@ -136,7 +188,12 @@ class LLM:
             self.cache = KVCache(self.model, 1, size)
         _, cached, _ = self.cache.reuse(request.prompt_ids, [0])
         self.cache.held[0] = []  # unknown until this request is done
-        yield from (text for _, text in complete(self.model, self.cache, [request], self.forward, cached=[cached]))
+        if self.drafter is None:
+            yield from (text for _, text in complete(self.model, self.cache, [request], self.forward, cached=[cached]))
+        else:
+            self.last_stats = SpeculationStats()
+            yield from speculate(self.model, self.cache, request, self.drafter, self.draft_tokens, self.last_stats,
+                                 cached)
         self.cache.held[0] = request.fed_ids
 
     def _run_batch(self, requests: list[Request]) -> list[str]:

@@ -67,13 +67,15 @@ def penalize_repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     return torch.where(seen, penalized, logits)
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, seen: Tensor | None = None) -> int:
-    """One token id from one row of logits [vocab]."""
+def distribution(logits: Tensor, params: SamplingParams, seen: Tensor | None = None) -> Tensor:
+    """The probabilities [vocab] (float32, summing to 1) that ``sample`` draws from: after the
+    repetition penalty, temperature, top-k and top-p; greedy: one-hot at the argmax. Speculative
+    decoding compares the target's and the draft's (``verify_draft``), so there is one definition."""
     logits = logits.float()
     if seen is not None:
         logits = penalize_repetition(logits, seen, params.repetition_penalty)
     if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
+        return torch.zeros_like(logits).index_fill_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -87,7 +89,47 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, s
             sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[choice])
+        kept = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, kept / kept.sum())
+    return probs
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, seen: Tensor | None = None) -> int:
+    """One token id from one row of logits [vocab]."""
+    probs = distribution(logits, params, seen)
+    if params.temperature < GREEDY_BELOW:
+        return int(probs.argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# -- speculative sampling (Leviathan et al. 2023, Chen et al. 2023) ---------------------------------------
+# A draft proposes token x from its distribution q; the target, whose distribution is p, keeps it with
+# probability min(1, p(x) / q(x)) and otherwise draws from the residual norm(max(0, p - q)). The token
+# that results is distributed as p exactly, whatever q is. q None: a draft that proposes x for certain
+# (prompt lookup), q = one-hot(x).
+
+
+def acceptance(p: Tensor, q: Tensor | None, token: int) -> float:
+    """The probability of keeping a draft's ``token``: min(1, p(x) / q(x))."""
+    qx = 1.0 if q is None else float(q[token])
+    return min(1.0, float(p[token]) / qx) if qx > 0 else 1.0
+
+
+def residual(p: Tensor, q: Tensor | None, token: int) -> Tensor:
+    """What a rejected draft token is replaced from: norm(max(0, p - q)). Where that is all zero (p
+    equals q, up to rounding, so nothing is ever rejected in exact arithmetic) it is p."""
+    if q is None:
+        rest = p.clone().index_fill_(-1, torch.tensor([token], device=p.device), 0.0)
+    else:
+        rest = (p - q).clamp_(min=0)
+    total = rest.sum()
+    return rest / total if total > 0 else p
+
+
+def verify_draft(p: Tensor, q: Tensor | None, token: int, generator: torch.Generator) -> int:
+    """The draft's ``token`` if the rejection rule keeps it, else its replacement; distributed as ``p``.
+    Greedy (p one-hot) draws nothing random: the token is kept exactly when it is the argmax."""
+    keep = acceptance(p, q, token)
+    if keep >= 1.0 or (keep > 0 and float(torch.rand((), generator=generator)) < keep):
+        return token
+    return int(torch.multinomial(residual(p, q, token), 1, generator=generator))
