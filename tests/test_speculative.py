@@ -184,8 +184,11 @@ def test_sampling_keeps_the_target_distribution(tiny, target_dir, draft):
     pairs = {s[:2]: sum(p for t, p in expected.items() if t[:2] == s[:2]) for s in expected}
     first = max({s[0] for s in expected}, key=lambda t: sum(p for s, p in pairs.items() if s[0] == t))
     unlikely = min((s for s in pairs if s[0] == first), key=pairs.get)[1]
-    vocab = tiny.model.config.vocab_size
-    drafter = {"fixed q": FixedDraft(torch.zeros(vocab).index_fill_(0, torch.tensor(second + [outside]), 1 / 3)),
+    q = torch.zeros(tiny.model.config.vocab_size)
+    others = [t for t in second if t != unlikely] + [outside]
+    q[others] = 0.4 / len(others)
+    q[unlikely] = 0.6  # more than the target gives it: kept with probability p / q < 1, the rest from the residual
+    drafter = {"fixed q": FixedDraft(q),
                "certain": FixedDraft(None, [unlikely, outside]),
                "self-int4": ModelDrafter(self_int4(tiny.model))}[draft]
     counts = dict.fromkeys(expected, 0)
