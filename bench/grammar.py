@@ -4,6 +4,8 @@ default model's vocabulary; and tokens/s of JSON-schema decoding against free de
     python bench/grammar.py                 # 3 schemas, 64 new tokens, 3 runs
     python bench/grammar.py --tokens 32 --runs 1
 
+outlines-core is the comparison's only: ``pip install outlines-core`` (0.2.14 measured) first.
+
 For each schema, one valid token path is made first (llamita's own constrained greedy decoding);
 both libraries then walk it: mask for the next token, take the token, over and over. llguidance
 (what llamita uses) compiles the schema's grammar in milliseconds and computes each mask lazily
