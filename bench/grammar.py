@@ -34,7 +34,7 @@ import torch
 from outlines_core.json_schema import build_regex_from_schema
 from outlines_core.kernels.torch import fill_next_token_bitmask
 
-from llamita.constrain import json_constraint, json_grammar, ll_tokenizer, token_bytes
+from llamita.constrain import json_constraint, json_grammar, ll_tokenizer
 from llamita.generate import generate
 from llamita.llm import LLM
 
@@ -137,7 +137,7 @@ def outlines_vocabulary(llm: LLM) -> outlines_core.Vocabulary:
     """outlines-core's vocabulary from the same token bytes llguidance reads (special tokens out)."""
     special = set(llm.tokenizer.special_tokens.values())
     by_bytes: dict[bytes, list[int]] = {}
-    for i, b in enumerate(token_bytes(llm.tokenizer)):
+    for i, b in enumerate(llm.tokenizer.token_bytes):
         if i not in special:
             by_bytes.setdefault(b, []).append(i)
     return outlines_core.Vocabulary(llm.tokenizer.eos_id, by_bytes)
