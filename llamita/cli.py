@@ -167,7 +167,16 @@ STRICT_UTF8 = ("utf-8", "strict")
 
 def from_stdin(read: Callable[[], str]) -> str:
     """``read()`` from stdin, decoded as UTF-8 whatever the locale: bytes that are not UTF-8 end in
-    a one-line error here, not in a traceback (or as surrogates the tokenizer refuses later)."""
+    a one-line error here, not in a traceback (or as surrogates the tokenizer refuses later). Under --tp,
+    rank 0 reads and every rank gets what it read."""
+    from llamita import parallel
+
+    if (tp := parallel.active()) is not None:
+        return tp.shared(lambda: _from_stdin(read))
+    return _from_stdin(read)
+
+
+def _from_stdin(read: Callable[[], str]) -> str:
     stdin = sys.stdin
     if isinstance(stdin, io.TextIOWrapper) and (codecs.lookup(stdin.encoding).name, stdin.errors) != STRICT_UTF8:
         stdin.reconfigure(encoding="utf-8", errors="strict")  # before its first read: the next calls find it so
