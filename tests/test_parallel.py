@@ -4,6 +4,7 @@ and holding about half the weights; bad input fails in one line."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -23,17 +24,19 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 PROMPT = "gato casa pescado"
 IDS = list(range(1, 18))
-# Big enough that a rank holding every weight (128 MB of float32) shows far above half of them.
-BIG = dict(hidden_size=768, num_attention_heads=8, num_key_value_heads=4, intermediate_size=2048, num_hidden_layers=4,
-           tie_word_embeddings=False, initializer_range=0.02)
+CHAT = ["chat", "--temperature", "0", "--max-new-tokens", "8"]
+CHAT_STDIN = "gato\ncasa perro\n"
+# Big enough that a rank holding every weight (105 MB of float32) shows far above half of them.
+BIG = {"dim": 768, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 256, "norm_eps": 1e-5}
 
 # Each rank loads each model with its slice only, measures how much its memory grew while loading (its peak, reset
-# before each load), then runs the prompt's logits and a greedy reply; rank 0 writes them all.
+# before each load), then runs the prompt's logits and a greedy reply; rank 0 writes them all. Then both run
+# `llamita chat --tp 2` in the same processes, on the stdin that torchrun's children share.
 WORKER = """
 import gc, json, sys
 import torch
 import llamita
-from llamita import parallel
+from llamita import cli, parallel
 from llamita.formats import load_model, read_checkpoint
 
 def status(field):
@@ -62,6 +65,7 @@ for name, (model_dir, tokenizer_dir, ids) in jobs.items():
     del model, logits
 if tp.rank == 0:
     open(out, "w").write(json.dumps(results))
+sys.exit(cli.main(json.loads(sys.argv[4])))
 """
 
 
@@ -71,21 +75,21 @@ def weight_bytes(model) -> int:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path | None]]:
-    """(checkpoint, tokenizer) by name: a 128 MB HF model with GQA, a tiny one with a tied output layer
-    and an odd vocabulary (not divisible by 2), and a 128 MB Meta checkpoint in 2 shards."""
+    """(checkpoint, tokenizer) by name: a 105 MB Meta checkpoint with GQA in 2 shards, the same weights
+    in HF's safetensors, a tiny HF model with a tied output layer and an odd vocabulary (not divisible by
+    2), and a small one for the CLI."""
     root = tmp_path_factory.mktemp("tp")
-    big = tiny_base(root / "hf", **BIG)
-    odd = root / "odd"
-    tiny_hf(3, vocab_size=json.loads((big / "config.json").read_text())["vocab_size"] + 1, hidden_size=64,
-            num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True).save_pretrained(odd)
+    small = tiny_base(root / "small", num_attention_heads=4, num_key_value_heads=2)
+    vocab = json.loads((small / "config.json").read_text())["vocab_size"]
     meta = root / "meta"
     meta.mkdir()
-    vocab = json.loads((big / "config.json").read_text())["vocab_size"]
-    write_meta_checkpoint(meta, {"dim": 768, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 256,
-                                 "norm_eps": 1e-5}, vocab=vocab, n_shards=2)
+    write_meta_checkpoint(meta, BIG, vocab=vocab, n_shards=2)
+    llamita.save_model(llamita.load_model(meta), root / "hf")
+    odd = root / "odd"
+    tiny_hf(3, vocab_size=vocab + 1, hidden_size=64, num_attention_heads=8, num_key_value_heads=2,
+            tie_word_embeddings=True).save_pretrained(odd)
     # The tiny model first: its load pays the one-time costs (imports, allocator pools) before the big ones.
-    small = tiny_base(root / "small", num_attention_heads=4, num_key_value_heads=2)
-    return {"tied-odd-vocab": (odd, None), "hf": (big, big), "meta": (meta, big), "small": (small, small)}
+    return {"tied-odd-vocab": (odd, None), "hf": (root / "hf", small), "meta": (meta, small), "small": (small, small)}
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +100,11 @@ def two_ranks(checkpoints, tmp_path_factory) -> dict:
             if name != "small"}
     script = out.parent / "worker.py"
     script.write_text(WORKER)
-    run = subprocess.run([*TORCHRUN, str(script), str(out), json.dumps(jobs), PROMPT], env=ENV, capture_output=True,
-                         text=True, timeout=180, cwd=ROOT)
+    chat = [*CHAT, "--model", str(checkpoints["small"][0]), "--tp", "2"]
+    run = subprocess.run([*TORCHRUN, str(script), str(out), json.dumps(jobs), PROMPT, json.dumps(chat)], env=ENV,
+                         capture_output=True, text=True, timeout=180, cwd=ROOT, input=CHAT_STDIN)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "chat": run.stdout}
 
 
 @pytest.mark.slow
@@ -133,23 +138,12 @@ def test_each_rank_reads_and_holds_about_half_the_weights(checkpoints, two_ranks
 
 
 @pytest.mark.slow
-def test_chat_under_torchrun_prints_once_what_one_process_prints(checkpoints, capsys):
+def test_chat_under_torchrun_prints_once_what_one_process_prints(checkpoints, two_ranks, capsys, monkeypatch):
     """Rank 0 reads stdin (a piped chat, one message a line) and prints; the other rank follows it."""
-    model = str(checkpoints["small"][0])
-    args = ["chat", "--model", model, "--temperature", "0", "--max-new-tokens", "8"]
-    stdin = "gato\ncasa perro\n"
-    run = subprocess.run([*TORCHRUN, "-m", "llamita", *args, "--tp", "2"], input=stdin, env=ENV, capture_output=True,
-                         text=True, timeout=180, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-3000:]
-    import io
-
-    sys.stdin = io.StringIO(stdin)
-    try:
-        assert cli.main(args) == 0
-    finally:
-        sys.stdin = sys.__stdin__
+    monkeypatch.setattr(sys, "stdin", io.StringIO(CHAT_STDIN))
+    assert cli.main([*CHAT, "--model", str(checkpoints["small"][0])]) == 0
     one = capsys.readouterr().out
-    assert len(one.splitlines()) == 2 and run.stdout == one
+    assert len(one.splitlines()) == 2 and two_ranks["chat"] == one
 
 
 def test_shards_are_torch_chunks_and_cover_every_row():
