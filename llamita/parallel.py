@@ -70,7 +70,8 @@ class TensorParallel:
         model.embed_tokens.register_forward_hook(lambda _m, _i, out: self._gather(out, c.dim))
         # The vocabulary in torch.chunk's pieces, the last padded with zero rows so that all are equal.
         model.lm_head = nn.Linear(c.dim, -(-c.vocab_size // w), bias=False)
-        model.lm_head.register_forward_hook(lambda _m, _i, out: self._gather(out, c.vocab_size))
+        # Gathered at the model's output, so that a quantized output layer swapped in later keeps it.
+        model.register_forward_hook(lambda _m, _i, out: self._gather(out, c.vocab_size))
         # A tied output layer is the embedding's rows here, the embedding its columns: two tensors.
         model.config = replace(c, tie_embeddings=False)
 

@@ -44,12 +44,12 @@ def status(field):
 
 out, jobs = sys.argv[1], json.loads(sys.argv[2])
 results = {}
-for name, (model_dir, tokenizer_dir, ids) in jobs.items():
+for name, (model_dir, tokenizer_dir, ids, quantize) in jobs.items():
     tp = parallel.start(2, "cpu", read_checkpoint(model_dir).config)
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # VmHWM back to the current resident size
     before = status("VmRSS")
-    model = load_model(model_dir, shard=tp)
+    model = load_model(model_dir, shard=tp, quantize=quantize)
     grew = status("VmHWM") - before
     held = sum(t.numel() * t.element_size() for t in model.parameters())
     with torch.inference_mode():
@@ -96,8 +96,9 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, Path | None]]:
 def two_ranks(checkpoints, tmp_path_factory) -> dict:
     """The worker's results from one torchrun launch of 2 processes."""
     out = tmp_path_factory.mktemp("tp-out") / "results.json"
-    jobs = {name: (str(model), str(tok) if tok else None, IDS) for name, (model, tok) in checkpoints.items()
+    jobs = {name: (str(model), str(tok) if tok else None, IDS, "none") for name, (model, tok) in checkpoints.items()
             if name != "small"}
+    jobs["meta-int8"] = (str(checkpoints["meta"][0]), None, IDS, "int8")
     script = out.parent / "worker.py"
     script.write_text(WORKER)
     chat = [*CHAT, "--model", str(checkpoints["small"][0]), "--tp", "2"]
@@ -122,6 +123,19 @@ def test_two_ranks_give_the_logits_and_greedy_text_of_one_process(checkpoints, t
         text = llamita.LLM(model, llamita.load_tokenizer(tokenizer_dir)).generate(PROMPT, temperature=0,
                                                                                   max_new_tokens=12)
         assert two_ranks[name]["text"] == text and text
+
+
+@pytest.mark.slow
+def test_int8_ranks_quantize_their_slices(checkpoints, two_ranks):
+    """Each rank quantizes its own slices (and its part of the output layer): the logits of one int8
+    process up to the activations' quantization, which is per slice here (per row of the whole there)."""
+    model = llamita.load_model(checkpoints["meta"][0], quantize="int8")
+    assert type(model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    with torch.inference_mode():
+        expected = model(torch.tensor([IDS]))[0]
+    got = torch.tensor(two_ranks["meta-int8"]["logits"])
+    assert (got - expected).abs().max() < 0.02 * expected.std()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 @pytest.mark.slow
