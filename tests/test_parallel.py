@@ -37,6 +37,7 @@ import gc, json, sys
 import torch
 import llamita
 from llamita import cli, parallel
+from llamita.cache import KVCache
 from llamita.formats import load_model, read_checkpoint
 
 def status(field):
@@ -61,7 +62,8 @@ for name, (model_dir, tokenizer_dir, ids, quantize) in jobs.items():
         text = llm.generate(sys.argv[3], temperature=0, max_new_tokens=12)
     memory = [None, None]
     torch.distributed.all_gather_object(memory, {"grew": grew, "held": held})
-    results[name] = {"logits": logits.tolist(), "text": text, "memory": memory}
+    kv_heads = KVCache(model, 1, 4).k[0].shape[1]
+    results[name] = {"logits": logits.tolist(), "text": text, "memory": memory, "kv_heads": kv_heads}
     del model, logits
 if tp.rank == 0:
     open(out, "w").write(json.dumps(results))
@@ -119,6 +121,7 @@ def test_two_ranks_give_the_logits_and_greedy_text_of_one_process(checkpoints, t
     assert got.shape == expected.shape
     assert (got - expected).abs().max() < 1e-5, ((got - expected).abs().max(), expected.std())
     assert expected.std() > 0.1  # logits that differ from token to token: a wrong slice would show
+    assert two_ranks[name]["kv_heads"] * 2 == model.config.n_kv_heads  # each rank caches its half of the kv heads
     if tokenizer_dir is not None:
         text = llamita.LLM(model, llamita.load_tokenizer(tokenizer_dir)).generate(PROMPT, temperature=0,
                                                                                   max_new_tokens=12)
