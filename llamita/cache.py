@@ -31,11 +31,12 @@ class KVCache:
     row holds from position 0 (``held``), so that a prompt that starts the same way reuses them."""
 
     def __init__(self, model: Llama, rows: int, slots: int):
-        c = model.config
         w = model.norm.weight  # the body's dtype, which may differ from the embedding's (quantization)
-        shape = (rows, c.n_kv_heads, slots, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        # The attention layers' own head counts: a tensor-parallel rank's share of the kv heads.
+        attn = model.layers[0].self_attn
+        shape = (rows, attn.n_kv_heads, slots, attn.head_dim)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
         self.row_ids = torch.arange(rows, device=w.device)
         self.held: list[list[int]] = [[] for _ in range(rows)]
 
