@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import json
-import re
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -28,7 +27,6 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}  # OpenAI's json_object mode
 # The separators of Python's json.dumps and no other whitespace: a small model let free to indent
 # can emit newlines until max_tokens; a schema's own "x-guidance" key overrides these.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
 
 
 class SchemaError(LlamitaError):
@@ -132,38 +130,7 @@ class _Vocabulary:
         self.tokenizer = tokenizer
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
         self.special_token_ids = sorted(tokenizer.special_tokens.values())
-        self.tokens = token_bytes(tokenizer)
+        self.tokens = tokenizer.token_bytes
 
     def __call__(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, special=False)
-
-
-def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
-    """The bytes each id stands for: a byte-level BPE piece (``Ġworld``) through GPT-2's byte
-    alphabet; a SentencePiece piece with ``▁`` as a space and ``<0xNN>`` as that byte; a special
-    token as its text (llguidance marks those by id)."""
-    pieces = [tokenizer.id_to_token(i) or "" for i in range(tokenizer.vocab_size)]
-    special = set(tokenizer.special_tokens.values())
-    alphabet = _byte_alphabet()
-    byte_level = tokenizer.kind == "tokenizers" and all(
-        set(p) <= alphabet.keys() for i, p in enumerate(pieces) if i not in special)
-    out = []
-    for i, piece in enumerate(pieces):
-        if i in special:
-            out.append(piece.encode())
-        elif byte_level:
-            out.append(bytes(alphabet[c] for c in piece))
-        elif m := _BYTE_PIECE.fullmatch(piece):
-            out.append(bytes([int(m[1], 16)]))
-        else:
-            out.append(piece.replace("\u2581", " ").encode())
-    return out
-
-
-@functools.cache
-def _byte_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
-    other 68 for U+0100 onwards in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}

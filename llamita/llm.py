@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from llamita import parallel
 from llamita.cache import KVCache
 from llamita.chat import Message, encode_chat, resolve_template, stop_token_ids
 from llamita.constrain import json_constraint
@@ -61,6 +62,8 @@ def check_same_vocabulary(model: Llama, tokenizer: Tokenizer, draft: Llama, draf
 class LLM:
     """A model with its tokenizer and chat format: the Python face of ``llamita generate/chat``."""
 
+    shard: parallel.TensorParallel | None = None  # this process's tensor-parallel rank (``load(tp=...)``)
+
     def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto", compile: bool = False,
                  drafter: Drafter | None = None, draft_tokens: int = 4):
         """``drafter``: single streams (``stream``, ``generate``, ``chat``) decode speculatively, checking
@@ -77,7 +80,7 @@ class LLM:
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu", quantize: str = "auto", template: str | None = None,
-             adapter: str | Path | None = None, compile: bool = False, draft: str | Path | None = None,
+             adapter: str | Path | None = None, compile: bool = False, tp: int = 1, draft: str | Path | None = None,
              draft_tokens: int = 4, lookup: int | None = None) -> "LLM":
         """``quantize``: "auto" (the default) keeps a quantized GGUF file's weights quantized as
         stored (4-bit stays 4-bit) and loads other checkpoints as they are; "none" dequantizes;
@@ -87,7 +90,8 @@ class LLM:
         (``compile_decoding``): a minute's wait on first use (docs/speed.md). ``template``: the
         chat format; by default the one the adapter (or the fine-tuned checkpoint) was trained
         with, else the checkpoint's own ("auto"). An adapter is folded into float weights, which
-        are then quantized as asked ("auto": as they were stored).
+        are then quantized as asked ("auto": as they were stored). ``tp``: this process is one of
+        ``tp`` tensor-parallel ranks started by torchrun, holding its slice of each layer (``llamita.parallel``).
 
         Speculative decoding of single streams (docs/speed.md): ``draft``, a smaller model with the same
         tokenizer (loaded with the same dtype, device and quantize), or "self-int4" (this model's
@@ -99,11 +103,18 @@ class LLM:
         if compile and spec.on:
             raise LlamitaError("--compile and speculative decoding (--draft, --lookup) cannot be combined: "
                                "the compiled step takes one token a pass")
+        shard = None
+        if tp != 1:
+            if adapter is not None or compile or spec.on:
+                raise LlamitaError(f"--tp {tp} takes neither --adapter (fold it in first: llamita merge) nor --compile "
+                                   "nor --draft / --lookup")
+            shard = parallel.start(tp, device, read_checkpoint(source).config)
+            device = shard.device
         if compile and quantize == "float16":
             raise LlamitaError("--compile cannot trace float16 layers (fbgemm's packed weights): drop --compile, "
                                "or use --quantize int4")
         if adapter is None:
-            model = load_model(source, dtype=dtype, device=device, quantize=quantize)
+            model = load_model(source, dtype=dtype, device=device, quantize=quantize, shard=shard)
         else:  # folded into float weights, then quantized: decoding runs at the base model's speed
             ckpt = read_checkpoint(source)
             model = model_from_checkpoint(ckpt, dtype=dtype, device=device)
@@ -120,7 +131,9 @@ class LLM:
             draft_model = load_model(spec.draft, dtype=dtype, device=device, quantize=quantize)
             check_same_vocabulary(model, tokenizer, draft_model, load_tokenizer(spec.draft), spec.draft)
             drafter = ModelDrafter(draft_model)
-        return cls(model, tokenizer, template, compile, drafter, spec.draft_tokens)
+        llm = cls(model, tokenizer, template, compile, drafter, spec.draft_tokens)
+        llm.shard = shard
+        return llm
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, prompt_ids: list[int], *, truncate: bool = False, logprobs: Logprobs | None = None,
@@ -130,6 +143,8 @@ class LLM:
         ``json_schema``: the output is JSON that this schema accepts (``{"type": "object"}``: any
         object), and ends as soon as it is complete (a SchemaError if llguidance cannot compile it)."""
         params = SamplingParams(**options)
+        if self.shard is not None and params.seed is None:  # every rank must sample the same tokens
+            params.seed = self.shard.common_seed()
         limit = self.model.config.max_seq_len - 1  # room for at least one new token
         if len(prompt_ids) > limit:
             if not truncate:

@@ -11,6 +11,7 @@ Two libraries do all the work, so our ids are theirs:
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -123,6 +124,18 @@ def _markup(text: str, plain_spans: Sequence[tuple[int, int]]) -> list[tuple[int
     return out + ([(at, len(text))] if at < len(text) else [])
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    other 68 for U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
 def unpaired_surrogate(text: str) -> int | None:
     """Where ``text`` holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``, or undecodable bytes
     read with ``surrogateescape``), which is not Unicode and which no tokenizer can encode; None if nowhere."""
@@ -214,6 +227,28 @@ class Tokenizer:
         """The most characters one token stands for (a token's stored form is never shorter than its
         text), so text over ``n`` times this cannot fit in ``n`` tokens: a bound known before tokenizing."""
         return max(len(self.id_to_token(i) or "") for i in range(self.vocab_size))
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for (grammar masks, llama.cpp's /tokenize pieces): a byte-level
+        BPE piece (``Ġworld``) through GPT-2's byte alphabet; a SentencePiece piece with ``▁`` as a
+        space and ``<0xNN>`` as that byte; a special token as its text."""
+        pieces = [self.id_to_token(i) or "" for i in range(self.vocab_size)]
+        special = set(self.special_tokens.values())
+        alphabet = _byte_alphabet()
+        byte_level = self.kind == "tokenizers" and all(
+            set(p) <= alphabet.keys() for i, p in enumerate(pieces) if i not in special)
+        out = []
+        for i, piece in enumerate(pieces):
+            if i in special:
+                out.append(piece.encode())
+            elif byte_level:
+                out.append(bytes(alphabet[c] for c in piece))
+            elif m := _BYTE_PIECE.fullmatch(piece):
+                out.append(bytes([int(m[1], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
 
     def save_tokenizer_json(self, path: str | Path) -> None:
         """Write the vocabulary as an HF ``tokenizer.json`` (byte-level BPE / tokenizer.json sources)."""

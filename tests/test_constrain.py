@@ -144,6 +144,15 @@ def test_chat_with_a_schema_validates(default_llm):
     jsonschema.validate(json.loads(reply), schema)
 
 
+@pytest.mark.slow  # loads the model in process: about 15 s
+def test_cli_replies_in_the_schema(tmp_path: Path, capsys):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMAS[0]))
+    assert cli.main(["generate", "--json-schema", str(schema), "--temperature", "1", "--seed", "2",
+                     "--max-new-tokens", "64", "A person as JSON:"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMAS[0])
+
+
 def test_cli_names_a_bad_schema_file_before_loading(tmp_path: Path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(UNSUPPORTED))

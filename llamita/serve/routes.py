@@ -438,7 +438,9 @@ async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
         prompt = await off_loop(http, lambda: http.app.state.llm.encode_chat(messages))
     except LlamitaError as e:
         raise ApiError(400, str(e), param="messages") from None
-    requests = requests_for(http, [prompt], body, body.n, None, "messages", json_schema=body.output_schema())
+    # off the loop too: a grammar's first use builds llguidance's view of the vocabulary (most of a second)
+    requests = await off_loop(http, lambda: requests_for(http, [prompt], body, body.n, None, "messages",
+                                                         json_schema=body.output_schema()))
     return await answer(http, body, Shape(True, http.app.state.model_name), [prompt], requests)
 
 
@@ -477,8 +479,8 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
         check_size(http, len(p), "prompt", "characters" if isinstance(p, str) else "tokens")
     special = body.parse_special or http.app.state.parse_special
     texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given, special))
-    requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo,  # 16: OpenAI's
-                            json_schema=body.output_schema())
+    requests = await off_loop(http, lambda: requests_for(http, prompts, body, body.n, 16, "prompt",  # 16: OpenAI's
+                                                         body.logprobs, body.echo, json_schema=body.output_schema()))
     scoring = Scoring(llm.tokenizer, [t for t in texts for _ in range(body.n)], body.echo)
     return await answer(http, body, Shape(False, http.app.state.model_name, scoring), prompts, requests)
 
@@ -506,17 +508,24 @@ class DetokenizeBody(Body):
 
 @router.post("/tokenize")
 async def tokenize(http: HttpRequest, body: TokenizeBody) -> dict[str, Any]:
-    """llama.cpp's /tokenize: ``{"tokens": [ids]}``, or ``[{"id", "piece"}]`` with ``with_pieces``
-    (each token's text where it stands). Plain text by default: llama.cpp parses control tokens
-    unless told not to; here text stays text unless ``parse_special`` asks."""
+    """llama.cpp's /tokenize: ``{"tokens": [ids]}``, or ``[{"id", "piece"}]`` with ``with_pieces``.
+    Plain text by default: llama.cpp parses control tokens unless told not to; here text stays text
+    unless ``parse_special`` asks."""
     check_size(http, len(body.content), "content")
     tok = http.app.state.llm.tokenizer
     ids = await off_loop(http, lambda: tok.encode(body.content, bos=body.add_special and tok.add_bos,
                                                   special=body.parse_special or http.app.state.parse_special))
     if not body.with_pieces:
         return {"tokens": ids}
-    pieces = [token_texts(tok, ids[i - 1] if i else None, [t])[0] for i, t in enumerate(ids)]
-    return {"tokens": [{"id": i, "piece": piece} for i, piece in zip(ids, pieces)]}
+    return {"tokens": [{"id": i, "piece": piece_of(tok.token_bytes[i])} for i in ids]}
+
+
+def piece_of(token: bytes) -> str | list[int]:
+    """llama.cpp's piece: the token's text, or its bytes when they are not whole UTF-8 (half a character)."""
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(token)
 
 
 @router.post("/detokenize")
