@@ -216,6 +216,19 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainConfig)
 
 
+def cmd_pair(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from llamita.data import pair_files
+    from llamita.files import atomic_write
+
+    records = pair_files(args.chosen, args.rejected)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(Path(args.out), lambda p: p.write_text(text, encoding="utf-8"))
+    print(f"llamita: wrote {len(records)} preference pairs to {args.out}", file=sys.stderr)
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
@@ -287,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter or every weight on instruction data")
     add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("pair", help="preference pairs for finetune --objective dpo from two files of records "
+                                    "answering the same prompts")
+    p.add_argument("chosen", help="JSON / JSON Lines records (Alpaca, chat, ShareGPT) with the preferred answers")
+    p.add_argument("rejected", help="records with the other answers to the same prompts")
+    p.add_argument("out", help="the pairs, JSON Lines of {\"chosen\": [messages], \"rejected\": [messages]}")
+    p.set_defaults(func=cmd_pair)
 
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a Hugging Face checkpoint")
     p.add_argument("base", help="the base checkpoint (or smollm2-135m-instruct)")
