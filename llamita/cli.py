@@ -229,6 +229,15 @@ def cmd_pair(args: argparse.Namespace) -> None:
     print(f"llamita: wrote {len(records)} preference pairs to {args.out}", file=sys.stderr)
 
 
+def add_pair_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pair", help="preference pairs for finetune --objective dpo from two files of records "
+                                    "answering the same prompts")
+    p.add_argument("chosen", help="JSON / JSON Lines records (Alpaca, chat, ShareGPT) with the preferred answers")
+    p.add_argument("rejected", help="records with the other answers to the same prompts")
+    p.add_argument("out", help="the pairs, JSON Lines of {\"chosen\": [messages], \"rejected\": [messages]}")
+    p.set_defaults(func=cmd_pair)
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
@@ -301,13 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("pair", help="preference pairs for finetune --objective dpo from two files of records "
-                                    "answering the same prompts")
-    p.add_argument("chosen", help="JSON / JSON Lines records (Alpaca, chat, ShareGPT) with the preferred answers")
-    p.add_argument("rejected", help="records with the other answers to the same prompts")
-    p.add_argument("out", help="the pairs, JSON Lines of {\"chosen\": [messages], \"rejected\": [messages]}")
-    p.set_defaults(func=cmd_pair)
-
+    add_pair_parser(sub)
     p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a Hugging Face checkpoint")
     p.add_argument("base", help="the base checkpoint (or smollm2-135m-instruct)")
     p.add_argument("adapter", help="the adapter directory")
