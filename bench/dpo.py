@@ -10,8 +10,9 @@ token ids: TRL's own collator pads them (chosen rows then rejected rows, one for
 and TRL's ``compute_loss`` runs its concatenated forward and the reference forward with peft's
 adapter disabled; llamita's ``dpo_sum`` does the same with its adapters switched off. float32
 weights, LoRA r=8, alpha 16, dropout 0 (TRL turns dropout off) on all seven projections, beta 0.1,
-AdamW. Each side runs in its own subprocess; peak memory is that process's VmHWM (resident
-high-water mark). The first step warms up and is not timed; tokens are real ones, padding excluded.
+AdamW. A GGUF model (the default) is first written as a float32 Hugging Face checkpoint, which
+both sides load. Each side runs in its own subprocess; peak memory is that process's VmHWM
+(resident high-water mark). The first step warms up and is not timed; tokens are real ones, padding excluded.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def pairs(args) -> list:
 
     records = []
     for _, r in read_records(args.data):
+        if not (r["output_es"].strip() and r["output_en"].strip()) or r["output_es"] == r["output_en"]:
+            continue  # a few answers are blank in the source
         ask = [{"role": "user", "content": r["instruction_es"]}]
         records.append({"chosen": ask + [{"role": "assistant", "content": r["output_es"]}],
                         "rejected": ask + [{"role": "assistant", "content": r["output_en"]}]})
@@ -76,12 +79,9 @@ def trl_side(args, data):
     from trl import DPOConfig, DPOTrainer
 
     from llamita.data import prompt_length
-    from llamita.formats import detect
 
-    fmt, path = detect(args.model)
-    where, kw = (path.parent, dict(gguf_file=path.name)) if fmt == "gguf" else (path, {})
-    base = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
     rows = []
     for p in data:  # llamita's token ids, split where TRL splits them: prompt, then each completion
         n = prompt_length(p.chosen)
@@ -143,17 +143,25 @@ def main() -> None:
     args = p.parse_args()
     if args.impl:
         return worker(args)
-    best: dict[str, dict] = {}
-    for _ in range(args.repeats):  # alternate the two: a busy machine slows whichever runs at the wrong moment
-        for impl in ("llamita", "trl"):
-            result = subprocess.run([sys.executable, __file__, "--impl", impl] + sys.argv[1:], capture_output=True,
-                                    text=True)
-            if result.returncode:
-                sys.exit(f"{impl} failed:\n{result.stderr[-3000:]}")
-            row = json.loads(result.stdout.strip().splitlines()[-1])
-            if impl not in best or row["s_per_step"] < best[impl]["s_per_step"]:
-                best[impl] = row
     import torch
+
+    from llamita.formats import detect
+    from llamita.formats.export import convert
+
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if detect(args.model)[0] != "hf":  # a GGUF model loads in transformers as "quantized", which Trainer refuses
+            model = str(convert(args.model, Path(tmp) / "hf", dtype=torch.float32))
+        for _ in range(args.repeats):  # alternate the two: a busy machine slows whichever runs at the wrong moment
+            for impl in ("llamita", "trl"):
+                result = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--impl", impl, "--model", model],
+                                        capture_output=True, text=True)
+                if result.returncode:
+                    sys.exit(f"{impl} failed:\n{result.stderr[-3000:]}")
+                row = json.loads(result.stdout.strip().splitlines()[-1])
+                if impl not in best or row["s_per_step"] < best[impl]["s_per_step"]:
+                    best[impl] = row
     import transformers
     import trl
 

@@ -268,6 +268,27 @@ def test_accumulation_and_resume_give_the_same_steps(base, pairs, tmp_path):
     assert (cut / "adapter" / "adapter_config.json").is_file() and (cut / "loss.png").is_file()
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_with_twice_the_batch(base, pairs, tmp_path):
+    """The reference forward (adapters off) runs on each process's own rows, outside DDP."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["finetune", str(base), "--data", str(pairs), "--objective", "dpo", "--template", "auto", "--steps", "3",
+              "--lr", "2e-2", "--warmup", "1", "--lora-dropout", "0", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "llamita", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+                   env=env, check=True, capture_output=True)
+    assert cli.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
+    two, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert len(two) == 3 and two == pytest.approx(one, abs=1e-5) and two[0] != two[-1]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    ones = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rewards/margins"] for r in rows] == pytest.approx([r["rewards/margins"] for r in ones], abs=1e-5)
+
+
 # --- data: formats, pairs from two files, bad input ---------------------------------------------------------
 
 
