@@ -147,7 +147,7 @@ def perplexity_rows(llm, model, file: Path, ctx: int, windows: int) -> list[dict
     ours = evaluate("perplexity", file, llm, mode="gptq", ctx=ctx, limit=windows)
     seconds = time.perf_counter() - start
     rows = [{"engine": "llamita-fp32", "perplexity": ours.metrics["perplexity"], "seconds": seconds}]
-    ids = llm.tokenizer.encode(read_text([file]), bos=llm.tokenizer.add_bos)
+    ids = llm.tokenizer.encode(read_text([file]), bos=llm.tokenizer.add_bos, special=True)  # as GPTQ's code reads it
     start, nlls = time.perf_counter(), []
     with torch.no_grad():
         for i in range(windows):
@@ -170,7 +170,7 @@ def tokenized_alike(llm, hf_tokenizer, data: Path, fmt: str, shots: int, dev: Pa
     questions = read_questions(data, fmt)
     pool = read_questions(dev, fmt) if dev else questions
     rnd = random.Random(1234)
-    return [all(llm.tokenizer.encode(c + x) == hf_tokenizer(c + x)["input_ids"]
+    return [all(llm.tokenizer.encode(c + x, special=True) == hf_tokenizer(c + x)["input_ids"]
                 for c, x in q.pairs(fewshot_prefix(q, pool, shots, rnd, dev is None))) for q in questions]
 
 

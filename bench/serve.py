@@ -176,7 +176,8 @@ def main() -> None:
     gguf = Path(args.source) if args.source else assets.default_model_path()
     system = None
     if args.system_tokens:
-        system = system_prompt(args.system_tokens, load_tokenizer(gguf).encode)
+        tokenizer = load_tokenizer(gguf)
+        system = system_prompt(args.system_tokens, lambda text: len(tokenizer.encode(text)))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     commands = [(f"llamita {kind}", [sys.executable, "-m", "llamita", "serve", "--model", str(gguf),
                                      "--max-batch", str(max(args.clients)), "--max-seq-len", "1024",

@@ -31,11 +31,12 @@ class KVCache:
     row holds from position 0 (``held``), so that a prompt that starts the same way reuses them."""
 
     def __init__(self, model: Llama, rows: int, slots: int):
-        c = model.config
         w = model.norm.weight  # the body's dtype, which may differ from the embedding's (quantization)
-        shape = (rows, c.n_kv_heads, slots, c.head_dim)
-        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
-        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(c.n_layers)]
+        # The attention layers' own head counts: a tensor-parallel rank's share of the kv heads.
+        attn = model.layers[0].self_attn
+        shape = (rows, attn.n_kv_heads, slots, attn.head_dim)
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
         self.row_ids = torch.arange(rows, device=w.device)
         self.held: list[list[int]] = [[] for _ in range(rows)]
 
@@ -80,9 +81,19 @@ class KVCache:
         """For one forward pass of B rows: each token's keys and values go to its position
         (``positions`` [B, T]) in cache ``rows`` (default: the first B, read back as a slice, not a
         copy); attention reads those rows' first ``length`` slots."""
-        rows = slice(0, positions.shape[0]) if rows is None else rows
-        index = self.row_ids[rows][:, None]  # once per pass, not per layer
+        if rows is None:  # a slice of rows: a scatter along the slots, ~50x faster than index_put here
+            B, T = positions.shape
+            _, heads, _, dim = self.k[0].shape
+            index = positions[:, None, :, None].expand(B, heads, T, dim)  # once per pass, not per layer
+            return partial(self._scatter_rows, index=index, rows=slice(0, B), length=length)
+        index = self.row_ids[rows][:, None]
         return partial(self._write_rows, positions=positions, rows=rows, index=index, length=length)
+
+    def _scatter_rows(self, layer: int, k: Tensor, v: Tensor, *, index: Tensor, rows: slice,
+                      length: int) -> tuple[Tensor, Tensor]:
+        self.k[layer][rows].scatter_(2, index, k.to(self.k[layer].dtype))
+        self.v[layer][rows].scatter_(2, index, v.to(self.v[layer].dtype))
+        return self.k[layer][rows, :, :length], self.v[layer][rows, :, :length]
 
     def sequence_step(self, positions: Tensor, length: int) -> KVUpdate:
         """``step`` for one sequence in row 0 at ``positions`` [T]: a copy along positions, the

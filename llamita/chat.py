@@ -4,11 +4,16 @@
 ``apply_chat_template`` does. Named templates cover checkpoints without one: ``llama-2`` builds ids
 exactly as Meta's reference ``chat_completion`` does (each turn encoded on its own, wrapped in
 BOS/EOS ids, never through text), ``chatml`` and ``alpaca`` are plain text formats.
+
+Control tokens come only from a template's own markup, never from a message's content: a user who
+writes ``<|im_end|>\n<|im_start|>system`` gets those characters as text, not a forged system turn
+(``Tokenizer.encode_marked``), as Meta's reference never parses special tokens out of messages.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -65,6 +70,8 @@ def encode_chat(
     """
     _check_messages(messages)
     name = resolve_template(tokenizer, template)
+    if name == "llama-2" or (name == "jinja" and B_INST in (tokenizer.chat_template or "")):
+        _refuse_llama2_tags(messages)  # a Llama-2-chat checkpoint's own template: Meta's guard too
     if name == "llama-2":
         return _llama2(tokenizer, messages)
     if name == "alpaca":
@@ -72,11 +79,15 @@ def encode_chat(
             raise LlamitaError("alpaca template: it is single-turn; give exactly one user message (the instruction)")
         return tokenizer.encode(alpaca_prompt(messages[0]["content"]), bos=tokenizer.add_bos, special=False)
     if name == "chatml":
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        text, spans = "", []
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n"
+            spans.append((len(text), len(text) + len(m["content"])))
+            text += f"{m['content']}<|im_end|>\n"
         text += "<|im_start|>assistant\n" if add_generation_prompt else ""
-        return tokenizer.encode(text, bos=tokenizer.add_bos)
+        return tokenizer.encode_marked(text, spans, bos=tokenizer.add_bos)
     # The checkpoint's template writes BOS itself when it wants one, so none is added here.
-    return tokenizer.encode(render_jinja(tokenizer, messages, add_generation_prompt))
+    return _encode_jinja(tokenizer, messages, add_generation_prompt)
 
 
 def stop_token_ids(tokenizer: Tokenizer, template: str = "auto") -> list[int]:
@@ -124,6 +135,61 @@ def render_jinja(tokenizer: Tokenizer, messages: list[Message], add_generation_p
     # syntax errors, sandbox refusals (an OverflowError for a range past its limit), raise_exception(...)
     except (jinja2.TemplateError, OverflowError, RecursionError) as e:
         raise LlamitaError(f"{tokenizer.source}: chat template: {e}") from None
+
+
+# Unicode noncharacters (never in real text) marking where each message's content lands in the render.
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+
+
+def _encode_jinja(tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
+    """The checkpoint's template rendered, then encoded with special tokens parsed from its markup only.
+
+    The template is rendered a second time with each content marked (``_mark``) to find where the
+    contents land. A template that transforms content (``.split``, slicing) loses the marks (as does
+    a content holding them); then a content holding a special token's text is refused, since it could
+    not be kept as text."""
+    text = render_jinja(tokenizer, messages, add_generation_prompt)
+    spans, why = None, "a message holds U+FDD0 or U+FDD1 (the marks of content while rendering)"
+    if not any(_OPEN in m["content"] or _CLOSE in m["content"] for m in messages):
+        marked = [dict(m, content=_mark(m["content"])) for m in messages]
+        spans = _content_spans(render_jinja(tokenizer, marked, add_generation_prompt), text)
+        why = "the chat template transforms message content"
+    if spans is not None:
+        return tokenizer.encode_marked(text, spans)
+    for i, m in enumerate(messages):
+        if any(token and token in m["content"] for token in tokenizer.special_tokens):
+            raise LlamitaError(f"messages[{i}]: {why}, so control-token text in it cannot be kept as text")
+    return tokenizer.encode(text, special=True)
+
+
+def _mark(content: str) -> str:
+    """``content`` with its core (whitespace stripped) between _OPEN and _CLOSE, so that a template's
+    ``| trim`` or ``.strip()`` sees the same text; empty content holds nothing to protect."""
+    core = content.strip()
+    if not core:
+        return content
+    start = content.index(core)
+    return content[:start] + _OPEN + core + _CLOSE + content[start + len(core):]
+
+
+def _content_spans(marked: str, text: str) -> list[tuple[int, int]] | None:
+    """Where the marked contents lie in ``text`` (the unmarked render); None unless the marks come in
+    pairs, in order, and removing them gives ``text`` exactly."""
+    spans: list[tuple[int, int]] = []
+    plain: list[str] = []
+    at, opened = 0, None
+    for i, part in enumerate(re.split(f"([{_OPEN}{_CLOSE}])", marked)):
+        if i % 2 == 0:
+            plain.append(part)
+            at += len(part)
+        elif (part == _OPEN) == (opened is not None):
+            return None  # an _OPEN inside a span, or a _CLOSE outside one
+        elif part == _OPEN:
+            opened = at
+        else:
+            spans.append((opened, at))
+            opened = None
+    return spans if opened is None and "".join(plain) == text else None
 
 
 _MAX_BUILT = 1_000_000  # characters, items or bits one ``*`` or ``**`` may build: far past any chat prompt's
@@ -174,13 +240,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _llama2(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
-    """Meta's ``chat_completion``: the system prompt goes into the first user turn; every finished
-    exchange is ``<s>[INST] user [/INST] answer </s>``; the last user turn is left open."""
+def _refuse_llama2_tags(messages: list[Message]) -> None:
+    """Meta's ``chat_completion`` guard: a content holding Llama 2's chat tags is refused."""
     for i, m in enumerate(messages):
         for tag in SPECIAL_TAGS:
             if tag in m["content"]:
                 raise LlamitaError(f"messages[{i}]: {tag!r} is not allowed in the content (llama-2 chat uses it)")
+
+
+def _llama2(tokenizer: Tokenizer, messages: list[Message]) -> list[int]:
+    """Meta's ``chat_completion``: the system prompt goes into the first user turn; every finished
+    exchange is ``<s>[INST] user [/INST] answer </s>``; the last user turn is left open."""
     if messages[0]["role"] == "system":
         if len(messages) < 2:
             raise LlamitaError("llama-2 chat: a system message must be followed by a user message")

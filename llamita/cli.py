@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Callable
 
 from llamita.errors import LlamitaError
@@ -47,13 +48,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "eager once torch's compile cache holds it, then faster (docs/speed.md)")
     add_options(p, SamplingParams)
     p.add_argument("--truncate", action="store_true", help="keep the end of a prompt longer than the context")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help='reply with JSON that this schema (a JSON file) accepts; {"type": "object"}: any object')
 
 
 def sampling_options(args: argparse.Namespace) -> dict:
     """The sampling flags, checked here, before a model takes seconds to load, rather than at the first request."""
+    from llamita.constrain import json_grammar
+    from llamita.files import read_json
+
     options = options_of(args, SamplingParams)
     SamplingParams(**options)  # its checks (temperatures below GREEDY_BELOW sample greedily)
-    return {**options, "truncate": args.truncate}
+    schema = None
+    if args.json_schema is not None:
+        schema = read_json(Path(args.json_schema))
+        json_grammar(schema, what=f"--json-schema {args.json_schema}")  # unsupported keywords named now
+    return {**options, "truncate": args.truncate, "json_schema": schema}
 
 
 def finite_float(text: str) -> float:
@@ -121,6 +131,24 @@ def options_of(args: argparse.Namespace, cls: type) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
 
 
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel over N processes, each holding 1/N of every layer: launch with "
+                        "`torchrun --nproc-per-node N -m llamita ... --tp N` (docs/scale.md)")
+
+
+def start_parallel(args: argparse.Namespace) -> None:
+    """Under --tp, join the other ranks before stdin is read (rank 0 reads it for all, ``from_stdin``);
+    only rank 0 prints."""
+    if getattr(args, "tp", 1) == 1:
+        return
+    from llamita import parallel
+    from llamita.formats import read_checkpoint
+
+    if parallel.start(args.tp, args.device, read_checkpoint(args.model).config).rank:
+        sys.stdout = open(os.devnull, "w")
+
+
 def load_llm(args: argparse.Namespace):
     import torch
 
@@ -131,7 +159,7 @@ def load_llm(args: argparse.Namespace):
         print("llamita: --compile: the first reply waits while torch.compile builds the decoding step "
               "(about a minute on 2 CPU cores)", file=sys.stderr)
     return LLM.load(args.model, dtype=dtype, device=args.device, quantize=args.quantize, template=args.template,
-                    adapter=args.adapter, compile=getattr(args, "compile", False))
+                    adapter=args.adapter, compile=getattr(args, "compile", False), tp=getattr(args, "tp", 1))
 
 
 STRICT_UTF8 = ("utf-8", "strict")
@@ -139,7 +167,16 @@ STRICT_UTF8 = ("utf-8", "strict")
 
 def from_stdin(read: Callable[[], str]) -> str:
     """``read()`` from stdin, decoded as UTF-8 whatever the locale: bytes that are not UTF-8 end in
-    a one-line error here, not in a traceback (or as surrogates the tokenizer refuses later)."""
+    a one-line error here, not in a traceback (or as surrogates the tokenizer refuses later). Under --tp,
+    rank 0 reads and every rank gets what it read."""
+    from llamita import parallel
+
+    if (tp := parallel.active()) is not None:
+        return tp.shared(lambda: _from_stdin(read))
+    return _from_stdin(read)
+
+
+def _from_stdin(read: Callable[[], str]) -> str:
     stdin = sys.stdin
     if isinstance(stdin, io.TextIOWrapper) and (codecs.lookup(stdin.encoding).name, stdin.errors) != STRICT_UTF8:
         stdin.reconfigure(encoding="utf-8", errors="strict")  # before its first read: the next calls find it so
@@ -151,6 +188,7 @@ def from_stdin(read: Callable[[], str]) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     options = sampling_options(args)
+    start_parallel(args)
     prompt = args.prompt if args.prompt is not None else from_stdin(sys.stdin.read)
     llm = load_llm(args)
     for text in llm.stream(prompt, **options):
@@ -160,6 +198,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> None:
     options = sampling_options(args)
+    start_parallel(args)
     llm = load_llm(args)
     system = args.system
     history: list[dict[str, str]] = []
@@ -298,12 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (default: read from stdin)")
     add_model_args(p)
     add_sampling_args(p)
+    add_parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat in the terminal (one reply per line when stdin is piped)")
     p.add_argument("--system", default=None, help="system prompt")
     add_model_args(p)
     add_sampling_args(p)
+    add_parallel_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("finetune", help="train a LoRA / QLoRA adapter or every weight on instruction data")
@@ -334,8 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health and the chat page "
                         "(repeatable; also $LLAMITA_API_KEY, comma-separated)")
+    p.add_argument("--parse-special", action="store_true",
+                   help="control tokens written in a text prompt (/v1/completions, /predict), like <s> or "
+                        "<|im_end|>, become their ids (default: plain text; chat messages: always plain text)")
     add_options(p, EngineConfig)
     add_options(p, Connections)
+    add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
 
     add_eval_parsers(sub)
@@ -343,13 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from llamita.parallel import launch_hint
     from llamita.serve.app import api_keys, serve
 
+    if args.tp != 1:
+        raise LlamitaError(f"serve --tp {args.tp}: not yet: tensor parallel runs generate and chat "
+                           f"(`{launch_hint(args.tp)}`); serve runs in one process")
     config = EngineConfig(**options_of(args, EngineConfig))  # checked before the model loads
     limits = Connections(**options_of(args, Connections))
     api_keys(args.api_key)  # checked before the model loads too
     serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits,
-          api_key=args.api_key)
+          api_key=args.api_key, parse_special=args.parse_special)
 
 
 def main(argv: list[str] | None = None) -> int:

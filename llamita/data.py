@@ -239,8 +239,9 @@ def _encode_chat(tokenizer: Tokenizer, messages: list[Message], template: str, n
 
 
 def encode_text(tokenizer: Tokenizer, text: str, max_length: int) -> list[Example]:
-    """Continued pretraining: the text's ids cut into windows of ``max_length``, every token learned."""
-    ids = tokenizer.encode(text, bos=tokenizer.add_bos, eos=tokenizer.eos_id is not None)
+    """Continued pretraining: the text's ids cut into windows of ``max_length``, every token learned.
+    Raw text is text: ``<s>`` or ``<|im_end|>`` written in it are characters (``special=False``)."""
+    ids = tokenizer.encode(text, bos=tokenizer.add_bos, eos=tokenizer.eos_id is not None, special=False)
     return [Example(ids[i: i + max_length], ids[i: i + max_length]) for i in range(0, len(ids), max_length)
             if len(ids[i: i + max_length]) > 1]
 

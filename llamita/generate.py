@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from llamita.cache import KVCache, causal_mask
+from llamita.constrain import Constraint
 from llamita.logprobs import Logprobs
 from llamita.model import Llama
 from llamita.sampling import SamplingParams, sample
@@ -89,6 +90,7 @@ class Request:
     finish_reason: str | None = None  # "stop" (EOS, end of turn or stop string) or "length"
     logprobs: Logprobs | None = None  # the log-probabilities to collect, if asked for
     prompt_only: bool = False  # run the prompt and generate nothing (to score it): params.max_new_tokens unused
+    constraint: Constraint | None = None  # a grammar the output must follow (JSON of a schema); done = "stop"
 
     def __post_init__(self) -> None:
         self.generator = self.params.generator()
@@ -122,12 +124,16 @@ class Request:
 
     def next_token(self, logits: Tensor) -> int:
         """A token sampled from ``logits`` [vocab], its log-probability recorded if asked for
-        (before ``accept``, so that a stop token has its entry too)."""
+        (before ``accept``, so that a stop token has its entry too). A constraint masks a copy:
+        sampling sees the allowed tokens only, the log-probabilities are the model's own."""
         if self.params.repetition_penalty != 1.0 and self.seen is None:
             # Sized by the model's vocabulary, which may exceed the tokenizer's (padded embeddings).
             self.seen = torch.zeros(logits.shape[-1], dtype=torch.bool)
             self.seen[torch.tensor(self.prompt_ids + self.output_ids, dtype=torch.long)] = True
-        token = sample(logits.cpu(), self.params, self.generator, self.seen)
+        row = logits.cpu()
+        if self.constraint is not None:  # numpy's copy: one thread (see Constraint.mask)
+            row = self.constraint.mask(torch.from_numpy(row.float().numpy().copy()))
+        token = sample(row, self.params, self.generator, self.seen)
         if self.logprobs is not None:
             self.logprobs.add(logits[None], [token])
         return token
@@ -140,16 +146,22 @@ class Request:
         self.output_ids.append(token)
         if self.seen is not None and token < self.seen.shape[0]:
             self.seen[token] = True
+        if self.constraint is not None:
+            self.constraint.advance(token)
         text, stopped = self.matcher.push(self.decoder.push(token))
         if stopped:
             self.finish_reason = "stop"
+        elif self.constraint is not None and self.constraint.done:
+            text += self._end("stop")
         elif len(self.output_ids) >= self.params.max_new_tokens or self.position + 1 >= max_seq_len:
-            self.finish_reason = "length"
-            tail, stopped = self.matcher.push(self.decoder.flush())
-            text += tail if stopped else tail + self.matcher.flush()
-            if stopped:
-                self.finish_reason = "stop"
+            text += self._end("length")
         return text
+
+    def _end(self, reason: str) -> str:
+        """Finish for ``reason`` with whatever text is held back (a stop string in it finishes as "stop")."""
+        tail, stopped = self.matcher.push(self.decoder.flush())
+        self.finish_reason = "stop" if stopped else reason
+        return tail if stopped else tail + self.matcher.flush()
 
 
 def prefill(model: Llama, cache: KVCache, requests: list[Request], rows: Tensor | None = None,

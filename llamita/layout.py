@@ -25,22 +25,65 @@ _IN_BLOCK = re.compile(r"(layers\.\d+)\.(.+)")
 _PART_OF = {part: (fused, i) for fused, parts in FUSED.items() for i, part in enumerate(parts)}
 
 
-def part_rows(config: Config, fused: str) -> list[int]:
-    """Rows of each part of a fused module (named inside a block or with its layers.N. prefix)."""
+# A checkpoint weight (its name inside a block, or at the top) -> the dim that tensor parallelism
+# splits it along: 0, output features (column parallel); 1, input features (row parallel, an
+# all-reduce after); absent, replicated. Meta's consolidated.NN.pth files are cut by the same rule.
+SHARD_DIM = {"self_attn.q_proj": 0, "self_attn.k_proj": 0, "self_attn.v_proj": 0, "self_attn.o_proj": 1,
+             "mlp.gate_proj": 0, "mlp.up_proj": 0, "mlp.down_proj": 1, "embed_tokens": 1, "lm_head": 0}
+
+
+def shard_dim(name: str) -> int | None:
+    """The dim a checkpoint-named weight ("layers.0.self_attn.o_proj.weight") is split along across
+    tensor-parallel ranks; None where every rank holds all of it (the norms)."""
+    module = name.removesuffix(".weight")
+    m = _IN_BLOCK.fullmatch(module)
+    return SHARD_DIM.get(m[2] if m else module)
+
+
+def shard_range(size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s [start, stop) of ``size`` rows or columns: torch.chunk's split (ceil-sized
+    pieces, the last shorter), which is how Meta cut its shards."""
+    step = -(-size // world)
+    return min(rank * step, size), min((rank + 1) * step, size)
+
+
+def take_shard(name: str, pieces: list[Tensor], rank: int, world: int) -> Tensor:
+    """Rank ``rank``'s slice of the weight ``name`` that a checkpoint stores as ``pieces`` joined
+    along its shard dim (Meta's shards; one piece: the whole tensor). Only the pieces' parts inside
+    the slice are read: when the pieces are the ranks' own shards, exactly one of them."""
+    dim = shard_dim(name)
+    if dim is None or world == 1:
+        return pieces[0] if dim is None else torch.cat(pieces, dim)
+    start, stop = shard_range(sum(p.shape[dim] for p in pieces), rank, world)
+    out, offset = [], 0
+    for p in pieces:
+        lo, hi = max(start, offset), min(stop, offset + p.shape[dim])
+        if lo < hi:
+            out.append(p.narrow(dim, lo - offset, hi - lo))
+        offset += p.shape[dim]
+    return (out[0] if len(out) == 1 else torch.cat(out, dim)).contiguous()
+
+
+def part_rows(config: Config, fused: str, world: int = 1) -> list[int]:
+    """Rows of each part of a fused module (named inside a block or with its layers.N. prefix);
+    ``world``: on one of that many tensor-parallel ranks."""
     if "qkv_proj" in fused:
-        return [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
-    return [config.hidden_dim] * 2
+        rows = [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
+    else:
+        rows = [config.hidden_dim] * 2
+    return [r // world for r in rows]
 
 
-def parts(config: Config, module: str) -> list[tuple[str, int, int | None]]:
+def parts(config: Config, module: str, world: int = 1) -> list[tuple[str, int, int | None]]:
     """(checkpoint module name, first row, end row) of each part of the model's ``module``
     ("layers.3.self_attn.qkv_proj"); a module that is not fused is its own single part, all its
-    rows (end None), so that ``weight[start:end]`` is a part's rows either way."""
+    rows (end None), so that ``weight[start:end]`` is a part's rows either way. ``world``: of a
+    tensor-parallel rank's module (each part's rows divided among ``world`` ranks)."""
     m = _IN_BLOCK.fullmatch(module)
     if m is None or m[2] not in FUSED:
         return [(module, 0, None)]
     out, start = [], 0
-    for part, rows in zip(FUSED[m[2]], part_rows(config, m[2])):
+    for part, rows in zip(FUSED[m[2]], part_rows(config, m[2], world)):
         out.append((f"{m[1]}.{part}", start, start + rows))
         start += rows
     return out
@@ -80,11 +123,12 @@ def join(tensors: Iterator[tuple[str, Tensor, Path]], config: Config, source: Pa
                            f"{' ...' if len(missing) > 4 else ''}")
 
 
-def split(state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
-    """Model-named weights -> checkpoint-named (fused matrices cut into their parts)."""
+def split(state: dict[str, Tensor], config: Config, world: int = 1) -> dict[str, Tensor]:
+    """Model-named weights -> checkpoint-named (fused matrices cut into their parts); ``world``: a
+    tensor-parallel rank's weights."""
     out = {}
     for name, tensor in state.items():
         module = name.removesuffix(".weight")
-        for part, start, stop in parts(config, module):
+        for part, start, stop in parts(config, module, world):
             out[f"{part}.weight" if part != module else name] = tensor[start:stop]
     return out

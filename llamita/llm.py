@@ -7,8 +7,10 @@ from typing import Iterator
 
 import torch
 
+from llamita import parallel
 from llamita.cache import KVCache
 from llamita.chat import Message, encode_chat, resolve_template, stop_token_ids
+from llamita.constrain import json_constraint
 from llamita.errors import LlamitaError
 from llamita.formats import detect, hf, load_model, model_from_checkpoint, read_checkpoint
 from llamita.formats.gguf import stored_kind
@@ -34,6 +36,8 @@ def trained_template_of(source: str | Path | None, adapter: str | Path | None) -
 class LLM:
     """A model with its tokenizer and chat format: the Python face of ``llamita generate/chat``."""
 
+    shard: parallel.TensorParallel | None = None  # this process's tensor-parallel rank (``load(tp=...)``)
+
     def __init__(self, model: Llama, tokenizer: Tokenizer, template: str = "auto", compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
@@ -45,7 +49,7 @@ class LLM:
     @classmethod
     def load(cls, source: str | Path | None = None, *, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu", quantize: str = "auto", template: str | None = None,
-             adapter: str | Path | None = None, compile: bool = False) -> "LLM":
+             adapter: str | Path | None = None, compile: bool = False, tp: int = 1) -> "LLM":
         """``quantize``: "auto" (the default) keeps a quantized GGUF file's weights quantized as
         stored (4-bit stays 4-bit) and loads other checkpoints as they are; "none" dequantizes;
         "int4" / "int8": weight-only quantized layers, the fast path for decoding on CPU, quantized
@@ -54,27 +58,40 @@ class LLM:
         (``compile_decoding``): a minute's wait on first use (docs/speed.md). ``template``: the
         chat format; by default the one the adapter (or the fine-tuned checkpoint) was trained
         with, else the checkpoint's own ("auto"). An adapter is folded into float weights, which
-        are then quantized as asked ("auto": as they were stored)."""
+        are then quantized as asked ("auto": as they were stored). ``tp``: this process is one of
+        ``tp`` tensor-parallel ranks started by torchrun, holding its slice of each layer (``llamita.parallel``)."""
         check_kind(quantize, device)
+        shard = None
+        if tp != 1:
+            if adapter is not None or compile:
+                raise LlamitaError(f"--tp {tp} takes neither --adapter (fold it in first: llamita merge) nor --compile")
+            shard = parallel.start(tp, device, read_checkpoint(source).config)
+            device = shard.device
         if compile and quantize == "float16":
             raise LlamitaError("--compile cannot trace float16 layers (fbgemm's packed weights): drop --compile, "
                                "or use --quantize int4")
         if adapter is None:
-            model = load_model(source, dtype=dtype, device=device, quantize=quantize)
+            model = load_model(source, dtype=dtype, device=device, quantize=quantize, shard=shard)
         else:  # folded into float weights, then quantized: decoding runs at the base model's speed
             ckpt = read_checkpoint(source)
             model = model_from_checkpoint(ckpt, dtype=dtype, device=device)
             load_adapter(model, adapter, merge=True)
             quantize_model(model, stored_kind(ckpt) if quantize == "auto" else quantize)
         template = template or trained_template_of(source, adapter) or "auto"
-        return cls(model, load_tokenizer(source), template, compile)
+        llm = cls(model, load_tokenizer(source), template, compile)
+        llm.shard = shard
+        return llm
 
     # -- requests ------------------------------------------------------------------------------
     def request(self, prompt_ids: list[int], *, truncate: bool = False, logprobs: Logprobs | None = None,
-                prompt_only: bool = False, **options) -> Request:
+                prompt_only: bool = False, json_schema: dict | None = None, **options) -> Request:
         """A Request for ``prompt_ids``; options are SamplingParams fields. ``logprobs``: what to
-        collect of its tokens' log-probabilities; ``prompt_only``: generate nothing (to score the prompt)."""
+        collect of its tokens' log-probabilities; ``prompt_only``: generate nothing (to score the prompt);
+        ``json_schema``: the output is JSON that this schema accepts (``{"type": "object"}``: any
+        object), and ends as soon as it is complete (a SchemaError if llguidance cannot compile it)."""
         params = SamplingParams(**options)
+        if self.shard is not None and params.seed is None:  # every rank must sample the same tokens
+            params.seed = self.shard.common_seed()
         limit = self.model.config.max_seq_len - 1  # room for at least one new token
         if len(prompt_ids) > limit:
             if not truncate:
@@ -84,10 +101,14 @@ class LLM:
             prompt_ids = prompt_ids[-limit:]
         if not prompt_ids:
             raise LlamitaError("empty prompt: give some text (or a model that adds BOS)")
-        return Request(prompt_ids, params, self.stop_ids, self.tokenizer, logprobs=logprobs, prompt_only=prompt_only)
+        constraint = None if json_schema is None else json_constraint(self.tokenizer, json_schema, self.stop_ids)
+        return Request(prompt_ids, params, self.stop_ids, self.tokenizer, logprobs=logprobs, prompt_only=prompt_only,
+                       constraint=constraint)
 
-    def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos)
+    def encode(self, prompt: str, special: bool = False) -> list[int]:
+        """A plain prompt's ids (BOS first where the checkpoint adds one). Its text stays text:
+        ``"<s>"`` or ``"<|im_end|>"`` in it are characters unless ``special=True`` parses them."""
+        return self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, special=special)
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         return encode_chat(self.tokenizer, messages, self.template)

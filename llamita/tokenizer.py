@@ -11,8 +11,9 @@ Two libraries do all the work, so our ids are theirs:
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,13 @@ from llamita.files import read_json
 from llamita.formats import detect
 
 _PIECE = sp_pb2.ModelProto.SentencePiece  # piece types; GGUF's token_type uses the same numbers (1..6)
+
+
+def special_pattern(tokens: Iterable[str]) -> re.Pattern[str] | None:
+    """A regex matching the special tokens written in text, leftmost and longest first ("</s>" before
+    "<s"...), as llama.cpp's ``parse_special`` and transformers' added-token split find them."""
+    by_length = sorted((t for t in tokens if t), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
 
 
 class _SentencePiece:
@@ -44,8 +52,7 @@ class _SentencePiece:
         self.special = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in special_types and p.piece}
         # sentencepiece's decode hides control pieces and prints <unk> as " ⁇ "; these we may show as text.
         self._marks = {i for i, p in enumerate(proto.pieces) if p.type in (_PIECE.CONTROL, _PIECE.UNKNOWN)}
-        by_length = sorted(self.special, key=len, reverse=True)  # longest first: "</s>" before "<s"...
-        self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+        self._split = special_pattern(self.special)
         self.vocab_size = len(proto.pieces)
 
     def encode(self, text: str, special: bool) -> list[int]:
@@ -103,6 +110,32 @@ class _Tokenizers:
         return self.tok.token_to_id(token)
 
 
+def _overlaps(span: tuple[int, int], spans: Sequence[tuple[int, int]]) -> bool:
+    return any(span[0] < end and start < span[1] for start, end in spans)
+
+
+def _markup(text: str, plain_spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The stretches of ``text`` outside the spans, in order."""
+    out, at = [], 0
+    for start, end in sorted(plain_spans):
+        if start > at:
+            out.append((at, start))
+        at = max(at, end)
+    return out + ([(at, len(text))] if at < len(text) else [])
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+@functools.cache
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    other 68 for U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
 def unpaired_surrogate(text: str) -> int | None:
     """Where ``text`` holds a lone UTF-16 surrogate (JSON's ``"\\ud800"``, or undecodable bytes
     read with ``surrogateescape``), which is not Unicode and which no tokenizer can encode; None if nowhere."""
@@ -121,9 +154,11 @@ def surrogate_error(text: str, at: int) -> str:
 class Tokenizer:
     """Text <-> ids for one checkpoint, with what generation and chat need to know about it.
 
-    ``special=True`` (the default) means control tokens written in the text, like ``<|im_start|>``,
-    become their ids and decode back to their text, as transformers does; pass ``special=False``
-    to treat such text as plain characters (untrusted input) and to drop control tokens on decode.
+    ``encode`` takes text as text by default (``special=False``, as ``sp.encode`` and Meta's reference
+    do): ``"<s>"`` or ``"<|im_end|>"`` written in a prompt are characters, never control tokens, so
+    user text cannot forge them. ``special=True`` parses them into their ids, as transformers'
+    tokenizer does, for callers that must match it. ``decode`` shows control tokens as their text by
+    default (``special=True``); ``special=False`` drops them.
     """
 
     def __init__(
@@ -145,8 +180,9 @@ class Tokenizer:
         self.source = source
         self.special_tokens: dict[str, int] = dict(backend.special)
         self.vocab_size: int = backend.vocab_size
+        self._special = special_pattern(self.special_tokens)
 
-    def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = True) -> list[int]:
+    def encode(self, text: str, bos: bool = False, eos: bool = False, special: bool = False) -> list[int]:
         if (at := unpaired_surrogate(text)) is not None:
             raise LlamitaError(f"cannot tokenize: {surrogate_error(text, at)}")
         ids = self._backend.encode(text, special)
@@ -155,6 +191,26 @@ class Tokenizer:
         if eos:
             ids = ids + [self._require(self.eos_id, "EOS")]
         return ids
+
+    def encode_marked(self, text: str, plain_spans: Sequence[tuple[int, int]], bos: bool = False) -> list[int]:
+        """``text`` with its special tokens parsed except where one overlaps a ``plain_spans`` span
+        (``[start, end)`` character offsets): a chat prompt whose markup may hold control tokens and
+        whose message contents never do. Without such an overlap the ids are ``encode(text,
+        special=True)``'s exactly (transformers' ids); with one, the text is cut at the special tokens
+        found outside the spans, each taken by id, and the pieces between encoded as plain text (the
+        way the special-token split encodes them)."""
+        matches = list(self._special.finditer(text)) if self._special else []
+        if not any(_overlaps(m.span(), plain_spans) for m in matches):
+            return self.encode(text, bos=bos, special=True)
+        ids = [self._require(self.bos_id, "BOS")] if bos else []
+        done = 0
+        for start, end in _markup(text, plain_spans):  # matched afresh inside the markup only
+            for m in self._special.finditer(text, start, end):  # type: ignore[union-attr]
+                if m.start() > done:
+                    ids += self.encode(text[done : m.start()])
+                ids.append(self.special_tokens[m.group()])
+                done = m.end()
+        return ids + (self.encode(text[done:]) if done < len(text) else [])
 
     def decode(self, ids: Iterable[int], special: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], special)
@@ -171,6 +227,28 @@ class Tokenizer:
         """The most characters one token stands for (a token's stored form is never shorter than its
         text), so text over ``n`` times this cannot fit in ``n`` tokens: a bound known before tokenizing."""
         return max(len(self.id_to_token(i) or "") for i in range(self.vocab_size))
+
+    @cached_property
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for (grammar masks, llama.cpp's /tokenize pieces): a byte-level
+        BPE piece (``Ġworld``) through GPT-2's byte alphabet; a SentencePiece piece with ``▁`` as a
+        space and ``<0xNN>`` as that byte; a special token as its text."""
+        pieces = [self.id_to_token(i) or "" for i in range(self.vocab_size)]
+        special = set(self.special_tokens.values())
+        alphabet = _byte_alphabet()
+        byte_level = self.kind == "tokenizers" and all(
+            set(p) <= alphabet.keys() for i, p in enumerate(pieces) if i not in special)
+        out = []
+        for i, piece in enumerate(pieces):
+            if i in special:
+                out.append(piece.encode())
+            elif byte_level:
+                out.append(bytes(alphabet[c] for c in piece))
+            elif m := _BYTE_PIECE.fullmatch(piece):
+                out.append(bytes([int(m[1], 16)]))
+            else:
+                out.append(piece.replace("\u2581", " ").encode())
+        return out
 
     def save_tokenizer_json(self, path: str | Path) -> None:
         """Write the vocabulary as an HF ``tokenizer.json`` (byte-level BPE / tokenizer.json sources)."""

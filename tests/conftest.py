@@ -27,6 +27,16 @@ def llama(llama_vocab):
 
 
 @pytest.fixture(scope="session")
+def llama_sp(llama_vocab):
+    """sentencepiece itself over that vocabulary: the reference for Llama 2's plain text."""
+    import sentencepiece
+
+    from llamita.tokenizer import sentencepiece_model_from_gguf
+
+    return sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model_from_gguf(llama_vocab))
+
+
+@pytest.fixture(scope="session")
 def smol(default_gguf):
     return llamita.load_tokenizer(default_gguf)
 

@@ -339,7 +339,7 @@ class ScriptedLLM:
         from types import SimpleNamespace
 
         self.reply, self.calls = reply, []
-        self.tokenizer = SimpleNamespace(encode=str.split)
+        self.tokenizer = SimpleNamespace(encode=lambda text, **_: text.split())
 
     def chat_batch(self, conversations, **sampling):
         self.calls.append((len(conversations), sampling))
@@ -397,3 +397,16 @@ def running_server(*options: str) -> Iterator[str]:
 def _read(log) -> str:
     log.seek(0)
     return log.read()[-4000:]
+
+
+def chat_reference(hf_tok, messages: list[dict], content: str, add_generation_prompt: bool = True) -> list[int]:
+    """transformers' ids for ``messages`` with ``content`` (text that occurs once in the rendered prompt)
+    tokenized as plain text: apply_chat_template's text cut around ``content``, the rest tokenized as
+    transformers tokenizes it, ``content`` with ``split_special_tokens``. Right wherever the cuts fall
+    on token boundaries (e.g. after a newline and before a special token, for byte-level BPE)."""
+    text = hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert text.count(content) == 1, text
+    head, tail = text.split(content)
+    return (hf_tok.encode(head, add_special_tokens=False)
+            + hf_tok.encode(content, add_special_tokens=False, split_special_tokens=True)
+            + hf_tok.encode(tail, add_special_tokens=False))

@@ -50,7 +50,7 @@ def test_chat_template_loss_covers_assistant_turns(smol):
     text = ("<|im_start|>system\nResponde en español.<|im_end|>\n<|im_start|>user\nHola<|im_end|>\n"
             "<|im_start|>assistant\n¿Qué tal?<|im_end|>\n<|im_start|>user\nBien<|im_end|>\n"
             "<|im_start|>assistant\nMe alegro.<|im_end|>\n")
-    assert ex.ids == smol.encode(text)
+    assert ex.ids == smol.encode(text, special=True)  # the template's markup: control tokens
     im_end = smol.special_tokens["<|im_end|>"]
     newline = smol.encode("\n")
     assert learned(ex) == smol.encode("¿Qué tal?") + [im_end] + newline + smol.encode("Me alegro.") + [im_end] + newline

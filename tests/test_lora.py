@@ -167,7 +167,8 @@ def test_merge_of_the_default_gguf_model(default_gguf, tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     ours = llamita.load_tokenizer(default_gguf)
     text = "¿Dónde está la biblioteca? 1234 <|im_start|>"
-    assert tok.encode(text, add_special_tokens=False) == ours.encode(text)
+    assert tok.encode(text, add_special_tokens=False) == ours.encode(text, special=True)
+    assert tok.encode(text, add_special_tokens=False, split_special_tokens=True) == ours.encode(text)
     assert tok.chat_template == ours.chat_template and tok.eos_token == "<|im_end|>"
 
 

@@ -334,20 +334,3 @@ def test_full_queue_answers_429():
         assert m['llamita_requests_total{outcome="cancelled"}'] == 2
         r = httpx.post(f"{url}/predict", json={"text": "Hello", "max_tokens": 2})
         assert r.status_code == 200 and "generation" in r.json()
-
-
-def test_the_readme_curl_line_runs_as_written(server):
-    """The README's curl example, its headers and body as written, gets a chat completion."""
-    import re
-    import shlex
-    from pathlib import Path
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text().replace("\\\n", " ")  # continued lines
-    line = next(line for line in readme.splitlines() if line.startswith("curl ") and "/v1/chat/completions" in line)
-    words = shlex.split(line)
-    headers = dict(h.split(": ", 1) for h in (words[i + 1] for i, w in enumerate(words) if w in ("-H", "--header")))
-    body = words[words.index("-d") + 1]
-    path = re.search(r"localhost:8000(/\S+)", line)[1]
-    response = httpx.post(f"{server}{path}", content=body, headers=headers, timeout=300)
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["message"]["content"]

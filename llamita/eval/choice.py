@@ -209,16 +209,18 @@ def read_questions(path: str | Path, format: str) -> list[Question]:
 # -- encoding, as lm-eval's HF backend encodes ------------------------------------------------------
 def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split: trailing spaces move into the continuation; the pair is encoded whole and
-    cut after the context's own tokens. An empty context is BOS (EOS without one) alone."""
+    cut after the context's own tokens. An empty context is BOS (EOS without one) alone. Special
+    tokens written in the text are parsed (``special=True``), as transformers' tokenizer, which lm-eval's
+    HF backend calls, parses them."""
     if not context:
         prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
-        cont = tok.encode(continuation)
+        cont = tok.encode(continuation, special=True)
         return ([prefix], cont) if cont[:1] != [prefix] else (cont[:1], cont[1:])
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tok.encode(context + continuation, bos=tok.add_bos)
-    ctx = tok.encode(context, bos=tok.add_bos)
+    whole = tok.encode(context + continuation, bos=tok.add_bos, special=True)
+    ctx = tok.encode(context, bos=tok.add_bos, special=True)
     return ctx, whole[len(ctx):]
 
 

@@ -48,8 +48,10 @@ def _culprit(llm: Any, batch: list[list[Message]], wheres: Sequence[str], sampli
 
 
 def generated_tokens(llm: Any, texts: Sequence[str]) -> int:
-    """The replies' length in tokens (re-encoded: the stop token is not counted)."""
-    return sum(len(llm.tokenizer.encode(t)) for t in texts)
+    """The replies' length in tokens (re-encoded: the stop token is not counted). A control token the
+    reply wrote was decoded as its text, and counts as the one token it was (``special=True``, as
+    lm-eval's HF backend, through transformers' tokenizer, counts it)."""
+    return sum(len(llm.tokenizer.encode(t, special=True)) for t in texts)
 
 
 def settings(options: Any, llm: Any, data: str | Path) -> dict[str, Any]:

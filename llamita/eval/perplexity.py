@@ -102,7 +102,9 @@ def run(llm, data: str | Path | list[str | Path], **options) -> Result:
         raise LlamitaError(f"--stride {stride}: must be between 1 and --ctx ({ctx})")
     tok: Tokenizer = llm.tokenizer
     timer = Timer()
-    ids = tok.encode(text, bos=tok.add_bos)
+    # Special-token text as each reference reads it: llama.cpp's perplexity tokenizes with parse_special
+    # off; GPTQ's script and transformers' guide call transformers' tokenizer, which parses it.
+    ids = tok.encode(text, bos=tok.add_bos, special=o.mode != "llamacpp")
     if len(ids) < ctx:
         raise LlamitaError(f"{', '.join(map(str, files))}: {len(ids)} tokens, fewer than one window of --ctx {ctx}")
     wins = first(windows(ids, o.mode, ctx, stride, tok.bos_id if tok.add_bos else None), o.limit)

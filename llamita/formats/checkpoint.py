@@ -22,6 +22,9 @@ class Checkpoint:
     nbytes: int  # bytes the stored weights take
     tensors: Callable[[], Iterator[tuple[str, Tensor, Path]]]  # (checkpoint name, tensor, file), one by one
     rotary: str = "half"  # "interleaved": q/k rows in Meta's order, permuted on load
+    # (rank, world) -> the same stream cut to one tensor-parallel rank's slices (layout.shard_dim),
+    # read without the rest; None where the format cannot (GGUF)
+    shard: Callable[[int, int], Iterator[tuple[str, Tensor, Path]]] | None = None
 
 
 def interleaved_to_half(w: Tensor, n_heads: int) -> Tensor:

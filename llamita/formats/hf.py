@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -12,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from llamita import layout
 from llamita.config import Config, config_from_hf, config_to_hf
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write, load_state_dict, read_json
@@ -60,10 +62,14 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def _safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+def _safetensors(file: Path, rank: int = 0, world: int = 1,
+                 tied: bool = False) -> Iterator[tuple[str, Tensor]]:
     """A safetensors file's tensors one at a time, each read into memory of its own. safetensors'
     own reader hands out views of a memory map that stays whole until the file is closed, so a
-    checkpoint quantized while loading would hold all of its pages."""
+    checkpoint quantized while loading would hold all of its pages.
+
+    ``world`` > 1: tensor-parallel rank ``rank``'s slices (``layout.shard_dim``), read by ``pread``
+    so that the rest never enters memory; a ``tied`` output layer is read as the embedding's rows."""
     _open_safetensors(file)  # the library validates the file
     with open(file, "rb") as f:
         start = 8 + int.from_bytes(f.read(8), "little")
@@ -71,19 +77,56 @@ def _safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            begin, end = info["data_offsets"]
-            data = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(start + begin)
-            if f.readinto(data.numpy()) != end - begin:
-                raise LlamitaError(f"{file}: tensor {key} runs past the end of the file (truncated?)")
-            yield key, data.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+            name, shape, dtype = from_hf_name(key), info["shape"], _DTYPES[info["dtype"]]
+            reads = [(key, layout.shard_dim(name) if world > 1 else None)]
+            if world > 1 and tied and name == "embed_tokens.weight" and "lm_head.weight" not in header:
+                reads.append(("lm_head.weight", 0))
+            for out, dim in reads:
+                begin = start + info["data_offsets"][0]
+                yield out, _read_slice(f, file, begin, shape, dtype, dim, rank, world)
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
+def _read_slice(f, file: Path, begin: int, shape: list[int], dtype: torch.dtype, dim: int | None, rank: int,
+                world: int) -> Tensor:
+    """A stored tensor (at byte ``begin`` of ``f``), or its rank's rows (``dim`` 0) or columns (1):
+    rows in one read, columns a few MiB of rows at a time."""
+    rows = shape[0] if shape else 1
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    if dim is None:
+        return _read(f, file, begin, rows, row_bytes).view(dtype).reshape(shape)
+    lo, hi = layout.shard_range(shape[dim], rank, world)
+    if dim == 0:
+        return _read(f, file, begin + lo * row_bytes, hi - lo, row_bytes).view(dtype).reshape(hi - lo, *shape[1:])
+    out = torch.empty(rows, (hi - lo) * dtype.itemsize, dtype=torch.uint8)
+    block = max(1, (4 << 20) // max(row_bytes, 1))
+    for r in range(0, rows, block):
+        n = min(block, rows - r)
+        out[r: r + n] = _read(f, file, begin + r * row_bytes, n, row_bytes)[:, lo * dtype.itemsize: hi * dtype.itemsize]
+    return out.view(dtype)
+
+
+def _read(f, file: Path, begin: int, rows: int, row_bytes: int) -> Tensor:
+    """``rows`` rows of ``row_bytes`` bytes from byte ``begin``: uint8 [rows, row_bytes]."""
+    data = torch.empty(rows, row_bytes, dtype=torch.uint8)
+    f.seek(begin)
+    if f.readinto(data.numpy()) != data.numel():
+        raise LlamitaError(f"{file}: a tensor runs past the end of the file (truncated?)")
+    return data
+
+
+def _tensors(files: list[Path], rank: int = 0, world: int = 1,
+             tied: bool = False) -> Iterator[tuple[str, Tensor, Path]]:
     for file in files:
-        tensors = _safetensors(file) if file.suffix == ".safetensors" else load_state_dict(file).items()
-        for key, t in tensors:
-            yield from_hf_name(key), t, file
+        if file.suffix == ".safetensors":
+            for key, t in _safetensors(file, rank, world, tied):
+                yield from_hf_name(key), t, file
+            continue
+        state = load_state_dict(file)  # memory-mapped: a rank's slice reads the pages it covers
+        if tied and world > 1 and "model.embed_tokens.weight" in state and "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        for key, t in state.items():
+            name = from_hf_name(key)
+            yield name, layout.take_shard(name, [t], rank, world), file
 
 
 def _stored_types(files: list[Path]) -> tuple[Counter, int, torch.dtype | None]:
@@ -116,6 +159,7 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(
         format="hf", path=path, config=config, dtype=dtype or first or torch.float32,
         tensor_types=dict(types), nbytes=nbytes, tensors=lambda: _tensors(files),
+        shard=lambda rank, world: _tensors(files, rank, world, config.tie_embeddings),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from pathlib import Path
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
@@ -50,15 +51,16 @@ def read_checkpoint(source: str | Path | None) -> Checkpoint:
 
 
 def load_model(source: str | Path | None = None, *, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu", quantize: str = "none") -> Llama:
+               device: str | torch.device = "cpu", quantize: str = "none", shard: Shard | None = None) -> Llama:
     """Build a Llama from a checkpoint directory, a .gguf file or the default model's name.
 
     The model is built on the meta device and each tensor moved in one at a time, so loading
     needs little more memory than the weights themselves. ``quantize``: "none" (float weights in
     ``dtype``), "auto" (quantized GGUF tensors stay as stored), "int4", "int8" or "float16" (each
-    layer quantized as it arrives: the float model is never held). Returned in eval mode.
+    layer quantized as it arrives: the float model is never held). ``shard``: build one tensor-parallel
+    rank's part only, reading only its slices (``llamita.parallel``). Returned in eval mode.
     """
-    return model_from_checkpoint(read_checkpoint(source), dtype=dtype, device=device, quantize=quantize)
+    return model_from_checkpoint(read_checkpoint(source), dtype=dtype, device=device, quantize=quantize, shard=shard)
 
 
 @functools.cache
@@ -104,24 +106,39 @@ def _place(model: Llama, name: str, tensor, quantize: str, dtype: torch.dtype, d
     return False
 
 
+class Shard(Protocol):
+    """One tensor-parallel rank, as loading sees it (``llamita.parallel.TensorParallel``)."""
+
+    world: int
+
+    def split_model(self, model: Llama) -> None: ...
+
+    def tensors(self, ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor, Path]]: ...
+
+
 def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
-                          device: str | torch.device = "cpu", quantize: str = "none") -> Llama:
+                          device: str | torch.device = "cpu", quantize: str = "none",
+                          shard: Shard | None = None) -> Llama:
     from llamita.quantize import QuantizedWeight, cat_rows, check_kind, finish
 
     check_kind(quantize, device)
     _large_frees_go_back()
     config, dtype = ckpt.config, dtype or ckpt.dtype
+    world = shard.world if shard else 1
     with torch.device("meta"):
         model = Llama(config)
-    expected = {name: t.shape for name, t in layout.split(dict(model.state_dict()), config).items()}
+        if shard:
+            shard.split_model(model)
+    expected = {name: t.shape for name, t in layout.split(dict(model.state_dict()), config, world).items()}
     seen: set[str] = set()
     quantized = quantize not in ("auto", "none")
 
     def checked():
-        for name, tensor, file in ckpt.tensors():
+        for name, tensor, file in (shard.tensors(ckpt) if shard else ckpt.tensors()):
             if name not in expected:
                 raise LlamitaError(f"{file}: unexpected tensor {name!r}")
             heads = rotary_heads(name, config) if ckpt.rotary == "interleaved" else None
+            heads = heads // world if heads else None  # a rank's q/k rows hold whole heads
             if heads and tensor.shape == expected[name]:
                 permute = functools.partial(interleaved_to_half, n_heads=heads)
                 tensor = tensor.map_rows(permute) if isinstance(tensor, QuantizedWeight) else permute(tensor)
@@ -138,7 +155,7 @@ def model_from_checkpoint(ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
         quantized |= _place(model, name, tensor, quantize, dtype, device)
     if isinstance(model.lm_head, nn.Linear):
         model.tie_weights()
-    if config.tie_embeddings:
+    if model.config.tie_embeddings:
         seen.add("lm_head.weight")
     if missing := sorted(set(expected) - seen):
         raise LlamitaError(f"{ckpt.path}: missing tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")

@@ -7,41 +7,40 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-import torch
 from torch import Tensor
 
+from llamita import layout
 from llamita.config import config_from_meta
 from llamita.errors import LlamitaError
 from llamita.files import load_state_dict, read_json
 from llamita.formats.checkpoint import Checkpoint
 
-# Meta's name -> (llamita's name, dim the shards are joined on; None = replicated, take shard 0)
+# Meta's name -> llamita's. The shards are joined along layout.SHARD_DIM's dims: Meta's
+# model-parallel split is the tensor-parallel one (replicated tensors: shard 0's).
 _LAYER = {
-    "attention.wq": ("self_attn.q_proj", 0),
-    "attention.wk": ("self_attn.k_proj", 0),
-    "attention.wv": ("self_attn.v_proj", 0),
-    "attention.wo": ("self_attn.o_proj", 1),
-    "feed_forward.w1": ("mlp.gate_proj", 0),
-    "feed_forward.w3": ("mlp.up_proj", 0),
-    "feed_forward.w2": ("mlp.down_proj", 1),
-    "attention_norm": ("input_layernorm", None),
-    "ffn_norm": ("post_attention_layernorm", None),
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
-_TOP = {"tok_embeddings": ("embed_tokens", 1), "norm": ("norm", None), "output": ("lm_head", 0)}
+_TOP = {"tok_embeddings": "embed_tokens", "norm": "norm", "output": "lm_head"}
 
 
-def _map(name: str) -> tuple[str, int | None] | None:
-    """Meta's tensor name -> (llamita's, join dim); None for tensors to ignore (rope.freqs)."""
+def _map(name: str) -> str | None:
+    """Meta's tensor name -> llamita's; None for tensors to ignore (rope.freqs)."""
     if name == "rope.freqs":
         return None
     if m := re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name):
         if m[2] in _LAYER:
-            new, dim = _LAYER[m[2]]
-            return f"layers.{m[1]}.{new}.weight", dim
+            return f"layers.{m[1]}.{_LAYER[m[2]]}.weight"
     if m := re.fullmatch(r"(\w+)\.weight", name):
         if m[1] in _TOP:
-            new, dim = _TOP[m[1]]
-            return f"{new}.weight", dim
+            return f"{_TOP[m[1]]}.weight"
     raise LlamitaError(f"unexpected tensor {name!r} in a Meta checkpoint")
 
 
@@ -55,20 +54,22 @@ def shard_files(path: Path) -> list[Path]:
     return files
 
 
-def _merged(shards: list[dict[str, Tensor]], files: list[Path]) -> Iterator[tuple[str, Tensor, Path]]:
+def _merged(shards: list[dict[str, Tensor]], files: list[Path], rank: int = 0,
+            world: int = 1) -> Iterator[tuple[str, Tensor, Path]]:
+    """The whole tensors, or (``world`` > 1) tensor-parallel rank ``rank``'s slices: with as many
+    shards as ranks, each rank's slices are its own file's tensors, and the other files are never read."""
     for name in shards[0]:
-        mapped = _map(name)
-        if mapped is None:
+        new = _map(name)
+        if new is None:
             continue
-        new, dim = mapped
-        if dim is None or len(shards) == 1:
+        if layout.shard_dim(new) is None or len(shards) == world == 1:
             yield new, shards[0][name], files[0]
             continue
         try:
             parts = [s[name] for s in shards]
         except KeyError:
             raise LlamitaError(f"{files[0].parent}: tensor {name} is missing from some shards") from None
-        yield new, torch.cat(parts, dim=dim), files[0]
+        yield new, layout.take_shard(new, parts, rank, world), files[0]
 
 
 def read(path: Path) -> Checkpoint:
@@ -84,4 +85,5 @@ def read(path: Path) -> Checkpoint:
     return Checkpoint(
         format="meta", path=path, config=config, dtype=emb.dtype, tensor_types=dict(types), nbytes=nbytes,
         tensors=lambda: _merged(shards, files), rotary="interleaved",
+        shard=lambda rank, world: _merged(shards, files, rank, world),
     )

@@ -102,10 +102,12 @@ def api_keys(given: list[str] | None) -> list[str]:
 
 
 def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: EngineConfig | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, api_key: list[str] | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, api_key: list[str] | None = None, parse_special: bool = False,
                **engine_options) -> FastAPI:
     """The server for one model; its engine thread runs while the app's lifespan does.
-    ``api_key``: keys of which requests must carry one (with $LLAMITA_API_KEY's);
+    ``api_key``: keys of which requests must carry one (with $LLAMITA_API_KEY's). ``parse_special``:
+    control tokens written in text prompts (/v1/completions, /predict) become their ids for every
+    request, as a body's ``"parse_special": true`` asks for one; chat messages never do.
     ``engine_options``: EngineConfig's fields, when no ``config`` is given."""
     keys = api_keys(api_key)
     engine = Engine(llm.model, config or EngineConfig(**engine_options))
@@ -124,6 +126,7 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
         app.add_middleware(ApiKeys, keys=keys)  # added last: it runs first
     app.state.api_keys = bool(keys)
     app.state.llm, app.state.engine, app.state.model_name, app.state.started = llm, engine, model_name, int(time.time())
+    app.state.parse_special = parse_special
     # A prompt of more characters cannot fit in the window: refused before it is tokenized (routes.check_size).
     app.state.max_prompt_chars = engine.max_seq_len * llm.tokenizer.longest_token_chars
     add_error_handlers(app, max_body_bytes)
@@ -246,7 +249,8 @@ def graceful_server(config: uvicorn.Config, engine: Engine, timeout: float) -> u
 def serve(llm: LLM, *, source: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           limits: Connections | None = None, **options) -> None:
     """Serve ``llm`` until interrupted or terminated; ``options`` go to ``create_app`` (``api_key``,
-    ``config``, or EngineConfig's fields); ``limits``: on its connections and its shutdown."""
+    ``parse_special``, ``config``, or EngineConfig's fields); ``limits``: on its connections and its
+    shutdown."""
     limits = limits or Connections()
     name = Path(source).name if source else DEFAULT_MODEL_NAME
     app = create_app(llm, model_name=name, **options)

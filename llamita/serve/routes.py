@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from typing import Annotated, Any, AsyncIterator, Callable, Literal, TypeVar, Union
 
 from fastapi import APIRouter
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 from starlette.types import Receive, Scope, Send
 
+from llamita.constrain import ANY_OBJECT, SchemaError
 from llamita.errors import LlamitaError
 from llamita.generate import Request
 from llamita.llm import LLM
@@ -83,11 +85,42 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")  # {}: any JSON value
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(Body):
+    """OpenAI's ``response_format``: free text, any JSON object, or JSON that a schema accepts."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema: {"name", "schema"}')
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must follow; None for free text."""
+        if self.type == "json_schema":
+            return self.json_schema.schema_
+        return ANY_OBJECT if self.type == "json_object" else None
+
+
 class OpenAIBody(Sampling):
     model: str | None = None  # accepted whatever it names: this server serves one model
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema ``response_format`` asks the output to follow; None for free text."""
+        return self.response_format.output_schema() if self.response_format else None
 
 
 class TextPart(Body):
@@ -139,10 +172,12 @@ class CompletionBody(OpenAIBody):
     max_tokens: int | None = Field(None, ge=0)  # 0: the prompt alone, to score it (with echo and logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    parse_special: bool = False  # control tokens written in a text prompt become their ids (else: text)
 
 
 class PredictBody(Sampling):
     text: Text
+    parse_special: bool = False
 
 
 # -- answers ------------------------------------------------------------------------------------
@@ -295,9 +330,10 @@ class EventStream(StreamingResponse):
 # -- requests for the engine ------------------------------------------------------------------------
 def requests_for(http: HttpRequest, prompts: list[list[int]], body: Sampling, n: int,
                  default_max_tokens: int | None, param: str, logprobs: int | None = None,
-                 echo: bool = False) -> list[Request]:
+                 echo: bool = False, json_schema: dict[str, Any] | None = None) -> list[Request]:
     """``n`` Requests per prompt, checked against the context window (seeds seed, seed+1, ...);
-    ``logprobs``: alternatives per token to report, over the prompt too with ``echo``."""
+    ``logprobs``: alternatives per token to report, over the prompt too with ``echo``;
+    ``json_schema``: what JSON the output must be (``response_format``)."""
     llm, window = http.app.state.llm, http.app.state.engine.max_seq_len
     requests = []
     for ids in prompts:
@@ -319,7 +355,10 @@ def requests_for(http: HttpRequest, prompts: list[list[int]], body: Sampling, n:
                     prompt_only=max_tokens == 0, max_new_tokens=max(max_tokens, 1),
                     temperature=body.temperature, top_p=body.top_p,
                     top_k=body.top_k, repetition_penalty=body.repetition_penalty, stop=body.stop or [],
-                    seed=None if body.seed is None else body.seed + j))
+                    seed=None if body.seed is None else body.seed + j, json_schema=json_schema))
+            except SchemaError as e:
+                raise ApiError(400, f"response_format.json_schema.schema: {e.reason}", param="response_format",
+                               code="invalid_value") from None
             except LlamitaError as e:
                 raise ApiError(400, str(e), param=param) from None
     return requests
@@ -399,18 +438,21 @@ async def chat_completions(http: HttpRequest, body: ChatBody) -> Response:
         prompt = await off_loop(http, lambda: http.app.state.llm.encode_chat(messages))
     except LlamitaError as e:
         raise ApiError(400, str(e), param="messages") from None
-    requests = requests_for(http, [prompt], body, body.n, None, "messages")
+    # off the loop too: a grammar's first use builds llguidance's view of the vocabulary (most of a second)
+    requests = await off_loop(http, lambda: requests_for(http, [prompt], body, body.n, None, "messages",
+                                                         json_schema=body.output_schema()))
     return await answer(http, body, Shape(True, http.app.state.model_name), [prompt], requests)
 
 
-def completion_prompts(llm: LLM, prompts: list[str] | list[list[int]]) -> tuple[list[str], list[list[int]]]:
+def completion_prompts(llm: LLM, prompts: list[str] | list[list[int]],
+                       special: bool = False) -> tuple[list[str], list[list[int]]]:
     """Each prompt as text (as given, or decoded) and as token ids (encoded, or as given: checked
     against the vocabulary, since an id past it would fail inside the model)."""
     texts, ids = [], []
     for p in prompts:
         if isinstance(p, str):
             texts.append(p)
-            ids.append(llm.encode(p))
+            ids.append(llm.encode(p, special))
             continue
         check_ids(llm, p, "prompt")
         texts.append(llm.tokenizer.decode(p))
@@ -435,8 +477,10 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
     given = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
     for p in given:
         check_size(http, len(p), "prompt", "characters" if isinstance(p, str) else "tokens")
-    texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given))
-    requests = requests_for(http, prompts, body, body.n, 16, "prompt", body.logprobs, body.echo)  # 16: OpenAI's
+    special = body.parse_special or http.app.state.parse_special
+    texts, prompts = await off_loop(http, lambda: completion_prompts(llm, given, special))
+    requests = await off_loop(http, lambda: requests_for(http, prompts, body, body.n, 16, "prompt",  # 16: OpenAI's
+                                                         body.logprobs, body.echo, json_schema=body.output_schema()))
     scoring = Scoring(llm.tokenizer, [t for t in texts for _ in range(body.n)], body.echo)
     return await answer(http, body, Shape(False, http.app.state.model_name, scoring), prompts, requests)
 
@@ -445,7 +489,8 @@ async def completions(http: HttpRequest, body: CompletionBody) -> Response:
 async def predict(http: HttpRequest, body: PredictBody) -> Response:
     """The Llama 2 articles' Flask endpoint: ``{"text"}`` in, its continuation as ``{"generation"}``."""
     check_size(http, len(body.text), "text")
-    prompt = await off_loop(http, lambda: http.app.state.llm.encode(body.text))
+    special = body.parse_special or http.app.state.parse_special
+    prompt = await off_loop(http, lambda: http.app.state.llm.encode(body.text, special))
     results = await collect(submit(http, requests_for(http, [prompt], body, 1, 256, "text")), http)
     return JSONResponse({"generation": results[0][0]}) if results else Response(status_code=499)
 
@@ -463,17 +508,24 @@ class DetokenizeBody(Body):
 
 @router.post("/tokenize")
 async def tokenize(http: HttpRequest, body: TokenizeBody) -> dict[str, Any]:
-    """llama.cpp's /tokenize: ``{"tokens": [ids]}``, or ``[{"id", "piece"}]`` with ``with_pieces``
-    (each token's text where it stands). Plain text by default: llama.cpp parses control tokens
-    unless told not to; here text stays text unless ``parse_special`` asks."""
+    """llama.cpp's /tokenize: ``{"tokens": [ids]}``, or ``[{"id", "piece"}]`` with ``with_pieces``.
+    Plain text by default: llama.cpp parses control tokens unless told not to; here text stays text
+    unless ``parse_special`` asks."""
     check_size(http, len(body.content), "content")
     tok = http.app.state.llm.tokenizer
     ids = await off_loop(http, lambda: tok.encode(body.content, bos=body.add_special and tok.add_bos,
-                                                  special=body.parse_special))
+                                                  special=body.parse_special or http.app.state.parse_special))
     if not body.with_pieces:
         return {"tokens": ids}
-    pieces = [token_texts(tok, ids[i - 1] if i else None, [t])[0] for i, t in enumerate(ids)]
-    return {"tokens": [{"id": i, "piece": piece} for i, piece in zip(ids, pieces)]}
+    return {"tokens": [{"id": i, "piece": piece_of(tok.token_bytes[i])} for i in ids]}
+
+
+def piece_of(token: bytes) -> str | list[int]:
+    """llama.cpp's piece: the token's text, or its bytes when they are not whole UTF-8 (half a character)."""
+    try:
+        return token.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(token)
 
 
 @router.post("/detokenize")
@@ -482,6 +534,14 @@ async def detokenize(http: HttpRequest, body: DetokenizeBody) -> dict[str, Any]:
     llm = http.app.state.llm
     check_ids(llm, body.tokens, "tokens")
     return {"content": llm.tokenizer.decode(body.tokens)}
+
+
+@router.get("/", include_in_schema=False)
+async def chat_page() -> Response:
+    """The chat page (static/chat.html): public, as /health is, since it holds no data; the API
+    calls it makes carry the key typed into it."""
+    page = resources.files("llamita.serve").joinpath("static/chat.html").read_bytes()
+    return Response(page, media_type="text/html; charset=utf-8")
 
 
 @router.get("/health")
