@@ -270,6 +270,28 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainConfig)
 
 
+def cmd_pair(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from llamita.data import pair_files
+    from llamita.files import atomic_write
+
+    records = pair_files(args.chosen, args.rejected)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write(Path(args.out), lambda p: p.write_text(text, encoding="utf-8"))
+    print(f"llamita: wrote {len(records)} preference pairs to {args.out}", file=sys.stderr)
+
+
+def add_pair_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pair", help="preference pairs for finetune --objective dpo from two files of records "
+                                    "answering the same prompts")
+    p.add_argument("chosen", help="JSON / JSON Lines records (Alpaca, chat, ShareGPT) with the preferred answers")
+    p.add_argument("rejected", help="records with the other answers to the same prompts")
+    p.add_argument("out", help="the pairs, JSON Lines of {\"chosen\": [messages], \"rejected\": [messages]}")
+    p.set_defaults(func=cmd_pair)
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
@@ -317,6 +339,24 @@ def add_eval_parsers(sub: argparse._SubParsersAction) -> None:
         t.set_defaults(func=cmd_eval)
 
 
+def add_export_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a Hugging Face checkpoint")
+    p.add_argument("base", help="the base checkpoint (or smollm2-135m-instruct)")
+    p.add_argument("adapter", help="the adapter directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("convert", help="write a checkpoint as GGUF (llama.cpp, Ollama) or in Hugging Face's layout")
+    p.add_argument("source", help="checkpoint directory, .gguf file, or smollm2-135m-instruct")
+    p.add_argument("out", help="a .gguf file (replaced if it exists), or a directory for the Hugging Face layout")
+    p.add_argument("--type", default=None,
+                   help="f16 (default for .gguf), q8_0 or q4_0 for a .gguf OUT; hf (the default) for a directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="the dtype the weights load in, and a Hugging Face OUT stores (default: the source's)")
+    p.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llamita", description="Run, chat with and fine-tune Llama 2 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,21 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("merge", help="fold a LoRA adapter into its base: a Hugging Face checkpoint")
-    p.add_argument("base", help="the base checkpoint (or smollm2-135m-instruct)")
-    p.add_argument("adapter", help="the adapter directory")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.set_defaults(func=cmd_merge)
-
-    p = sub.add_parser("convert", help="write a checkpoint as GGUF (llama.cpp, Ollama) or in Hugging Face's layout")
-    p.add_argument("source", help="checkpoint directory, .gguf file, or smollm2-135m-instruct")
-    p.add_argument("out", help="a .gguf file (replaced if it exists), or a directory for the Hugging Face layout")
-    p.add_argument("--type", default=None,
-                   help="f16 (default for .gguf), q8_0 or q4_0 for a .gguf OUT; hf (the default) for a directory")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="the dtype the weights load in, and a Hugging Face OUT stores (default: the source's)")
-    p.set_defaults(func=cmd_convert)
+    add_pair_parser(sub)
+    add_export_parsers(sub)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that batches concurrent requests")
     add_model_args(p)

@@ -1,9 +1,12 @@
-"""Training records -> token ids and labels: Alpaca, chat, ShareGPT and plain-text data.
+"""Training records -> token ids and labels: Alpaca, chat, ShareGPT, plain-text and preference data.
 
 Prompts are rendered with the same code generation uses (``chat.alpaca_prompt``, ``chat.encode_chat``),
 so a model tuned with a format is asked in exactly that format later. ``labels`` are the ids where
 a token carries loss and ``IGNORE`` elsewhere: by default only the responses (and the tokens that
 end them, EOS or ``<|im_end|>``), so the model learns to answer, not to write prompts.
+
+A preference pair (DPO) is two such records that share their prompt, rendered by the same code:
+its chosen and its rejected completion, labels on the completion only (TRL's convention).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from llamita.errors import LlamitaError
 from llamita.tokenizer import Tokenizer, surrogate_error, unpaired_surrogate
 
 IGNORE = -100  # cross_entropy's ignore_index
-FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
+PREFERENCE = ("preference", "preference_chat")  # {"prompt", "chosen", "rejected"} strings; message lists
+FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text", *PREFERENCE)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
@@ -38,10 +42,20 @@ class Example:
 
 
 @dataclass
+class Pair:
+    """A preference pair: one prompt with its chosen and its rejected completion (labels on those only)."""
+
+    chosen: Example
+    rejected: Example
+    ref: tuple[float, float] | None = None  # the reference model's summed log-probs, where cached (full DPO)
+
+
+@dataclass
 class Dataset:
-    examples: list[Example]
+    examples: list  # Example (SFT, text), or Pair (preference data)
     truncated: int = 0  # records cut at max_length
     source: str = ""
+    dropped: int = 0  # preference pairs whose prompt alone fills max_length (no completion token left)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -110,11 +124,13 @@ def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
 def record_kind(record: Any, where: str) -> str:
     if not isinstance(record, dict):
         raise LlamitaError(f"{where}: expected a JSON object, not {type(record).__name__}")
+    if "chosen" in record or "rejected" in record:
+        return "preference_chat" if isinstance(record.get("chosen", record.get("rejected")), list) else "preference"
     for key, kind in (("messages", "chat"), ("conversations", "sharegpt"), ("instruction", "alpaca")):
         if key in record:
             return kind
-    raise LlamitaError(f"{where}: a record needs 'instruction' and 'output' (Alpaca), 'messages' (chat) "
-                       "or 'conversations' (ShareGPT)")
+    raise LlamitaError(f"{where}: a record needs 'instruction' and 'output' (Alpaca), 'messages' (chat), "
+                       "'conversations' (ShareGPT) or 'chosen' and 'rejected' (preference pairs)")
 
 
 def to_messages(record: dict, where: str) -> list[Message]:
@@ -124,7 +140,20 @@ def to_messages(record: dict, where: str) -> list[Message]:
         instruction, inp = _string(record, "instruction", where), _string(record, "input", where, optional=True)
         user = f"{instruction}\n\n{inp}" if inp else instruction
         return [{"role": "user", "content": user}, {"role": "assistant", "content": _string(record, "output", where)}]
-    key, role_key, text_key = ("messages", "role", "content") if kind == "chat" else ("conversations", "from", "value")
+    if kind in PREFERENCE:
+        raise LlamitaError(f"{where}: a preference record (chosen / rejected): train on it with --objective dpo")
+    key = "messages" if kind == "chat" else "conversations"
+    messages = _turns(record, key, where, sharegpt=kind == "sharegpt")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise LlamitaError(f"{where}: field {key!r} has no assistant turn to learn from")
+    return messages
+
+
+def _turns(record: dict, key: str, where: str, sharegpt: bool = False) -> list[Message]:
+    """The non-empty list of chat turns in ``record[key]``, checked turn by turn."""
+    role_key, text_key = ("from", "value") if sharegpt else ("role", "content")
+    if key not in record:
+        raise LlamitaError(f"{where}: missing field {key!r}")
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         raise LlamitaError(f"{where}: field {key!r} must be a non-empty list")
@@ -134,15 +163,13 @@ def to_messages(record: dict, where: str) -> list[Message]:
         if not isinstance(turn, dict):
             raise LlamitaError(f"{at}: expected an object with {role_key!r} and {text_key!r}")
         role = _string(turn, role_key, at)
-        if kind == "sharegpt":
+        if sharegpt:
             if role not in _SHAREGPT_ROLES:
                 raise LlamitaError(f"{at}: field 'from' is {role!r} (known: {', '.join(_SHAREGPT_ROLES)})")
             role = _SHAREGPT_ROLES[role]
         elif role not in ("system", "user", "assistant"):
             raise LlamitaError(f"{at}: field 'role' is {role!r} (known: system, user, assistant)")
         messages.append({"role": role, "content": _string(turn, text_key, at)})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise LlamitaError(f"{where}: field {key!r} has no assistant turn to learn from")
     return messages
 
 
@@ -150,8 +177,9 @@ def to_messages(record: dict, where: str) -> list[Message]:
 
 
 def encode_record(tokenizer: Tokenizer, record: Any, where: str, template: str = "alpaca",
-                  train_on_prompt: bool = False) -> Example:
-    """One record -> ids and labels in ``template`` ("alpaca", or a chat format: "auto", "llama-2", "chatml")."""
+                  train_on_prompt: bool = False, first_turn: int = 0) -> Example:
+    """One record -> ids and labels in ``template`` ("alpaca", or a chat format: "auto", "llama-2", "chatml").
+    Assistant turns before ``first_turn`` carry no loss (a preference pair's shared turns are its prompt)."""
     if template == "alpaca":
         ids, spans = _encode_alpaca(tokenizer, record, where)
     else:
@@ -161,7 +189,7 @@ def encode_record(tokenizer: Tokenizer, record: Any, where: str, template: str =
         else:
             ids, spans = _encode_chat(tokenizer, to_messages(record, where), template, name, where)
     labels = list(ids) if train_on_prompt else [IGNORE] * len(ids)
-    for start, end in spans:
+    for start, end in spans[first_turn:]:
         labels[start:end] = ids[start:end]
     return Example(ids, labels)
 
@@ -235,9 +263,7 @@ def load_dataset(source: str | Path, tokenizer: Tokenizer, *, format: str = "aut
         return Dataset(examples, source=str(source))
     examples, truncated = [], 0
     for where, record in read_records(source):
-        kind = record_kind(record, where)
-        if format != "auto" and kind != format:
-            raise LlamitaError(f"{where}: a {kind} record in data read as --format {format}")
+        _kind(record, where, format)
         if not any(m["content"].strip() for m in to_messages(record, where) if m["role"] == "assistant"):
             raise LlamitaError(f"{where}: the response is blank (empty or only whitespace): nothing to learn")
         ex = encode_record(tokenizer, record, where, template, train_on_prompt)
@@ -245,6 +271,118 @@ def load_dataset(source: str | Path, tokenizer: Tokenizer, *, format: str = "aut
             ex, truncated = Example(ex.ids[:max_length], ex.labels[:max_length]), truncated + 1
         examples.append(ex)
     return Dataset(examples, truncated, str(source))
+
+
+def _kind(record: Any, where: str, format: str) -> str:
+    kind = record_kind(record, where)
+    if format != "auto" and kind != format:
+        raise LlamitaError(f"{where}: a {kind} record in data read as --format {format}")
+    return kind
+
+
+# --- preference pairs (DPO) -------------------------------------------------------------------------
+
+
+def pair_messages(record: dict, where: str) -> tuple[list[Message], list[Message], list[Message]]:
+    """(prompt, chosen, rejected) turns of a preference record: ``{"prompt", "chosen", "rejected"}``
+    strings, or ``{"chosen": [messages], "rejected": [messages]}`` (with an optional ``"prompt": [messages]``
+    before both) whose shared leading turns are the prompt, as TRL's ``extract_prompt`` takes it."""
+    if record_kind(record, where) == "preference":
+        prompt = [{"role": "user", "content": _string(record, "prompt", where)}]
+        chosen, rejected = ([{"role": "assistant", "content": _string(record, key, where)}]
+                            for key in ("chosen", "rejected"))
+    else:
+        head = _turns(record, "prompt", where) if "prompt" in record else []
+        chosen, rejected = (head + _turns(record, key, where) for key in ("chosen", "rejected"))
+        n = 0
+        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+            n += 1
+        if n == 0:
+            raise LlamitaError(f"{where}: fields 'chosen' and 'rejected' share no prompt turn: both must start "
+                               "with the same prompt messages")
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    if chosen == rejected:
+        raise LlamitaError(f"{where}: fields 'chosen' and 'rejected' are the same answer: nothing to prefer")
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if turns and turns[0]["role"] != "assistant":
+            raise LlamitaError(f"{where}: field {key!r}: the completion (after the shared prompt turns) must "
+                               f"start with an assistant turn, not {turns[0]['role']!r}")
+        if not any(m["content"].strip() for m in turns if m["role"] == "assistant"):
+            raise LlamitaError(f"{where}: field {key!r}: the completion is blank (empty or only whitespace)")
+    return prompt, chosen, rejected
+
+
+def encode_pair(tokenizer: Tokenizer, record: dict, where: str, template: str = "alpaca") -> Pair:
+    """A preference record -> two SFT examples rendered by ``encode_record`` (the same template code),
+    each labelled on its completion only."""
+    prompt, chosen, rejected = pair_messages(record, where)
+    shared = sum(m["role"] == "assistant" for m in prompt)  # earlier assistant turns belong to the prompt
+    return Pair(*(encode_record(tokenizer, {"messages": prompt + turns}, where, template, first_turn=shared)
+                  for turns in (chosen, rejected)))
+
+
+def prompt_length(example: Example) -> int:
+    """Tokens before the first labelled one (the prompt, as TRL's tokenizer split finds it)."""
+    return next((i for i, label in enumerate(example.labels) if label != IGNORE), len(example.ids))
+
+
+def load_pairs(source: str | Path, tokenizer: Tokenizer, *, format: str = "auto", template: str = "alpaca",
+               max_length: int = 1024) -> Dataset:
+    """Read and render preference pairs. TRL's truncation rule: a pair whose prompt alone takes
+    ``max_length`` tokens keeps no completion token and is dropped (counted in ``dropped``); the
+    others keep the first ``max_length`` tokens of prompt + completion (counted in ``truncated``)."""
+    if format not in ("auto", *PREFERENCE):
+        raise LlamitaError(f"--format {format}: --objective dpo reads preference data (auto, {', '.join(PREFERENCE)})")
+    pairs, truncated, dropped = [], 0, 0
+    for where, record in read_records(source):
+        if (kind := _kind(record, where, format)) not in PREFERENCE:
+            raise LlamitaError(f"{where}: --objective dpo takes preference records ({{'prompt', 'chosen', 'rejected'}}"
+                               f" or {{'chosen': [messages], 'rejected': [messages]}}), not a {kind} record")
+        pair = encode_pair(tokenizer, record, where, template)
+        if min(prompt_length(pair.chosen), prompt_length(pair.rejected)) >= max_length:
+            dropped += 1
+            continue
+        if max(len(pair.chosen.ids), len(pair.rejected.ids)) > max_length:
+            truncated += 1
+            pair = Pair(*(Example(e.ids[:max_length], e.labels[:max_length]) for e in (pair.chosen, pair.rejected)))
+        pairs.append(pair)
+    return Dataset(pairs, truncated, str(source), dropped)
+
+
+def collate_pairs(pairs: list[Pair], pad_id: int = 0) -> dict[str, Tensor]:
+    """One batch of every chosen row, then every rejected row (TRL's concatenated forward), right-padded;
+    ``ref_logps`` [2B] where the pairs carry cached reference log-probs."""
+    batch = collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
+    if all(p.ref is not None for p in pairs):
+        batch["ref_logps"] = torch.tensor([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs])
+    return batch
+
+
+def pair_files(chosen: str | Path, rejected: str | Path) -> list[dict]:
+    """Preference records from two files of SFT records (Alpaca, chat or ShareGPT) answering the same
+    prompts: each record of ``chosen`` paired with the record of ``rejected`` that has its prompt
+    (the turns before the last assistant turn), as ``{"chosen": [messages], "rejected": [messages]}``."""
+    answers: dict[str, list[Message]] = {}
+    for where, record in read_records(rejected):
+        messages = _sft_messages(record, where)
+        answers.setdefault(json.dumps(messages[:-1]), messages)
+    out = []
+    for where, record in read_records(chosen):
+        messages = _sft_messages(record, where)
+        other = answers.get(json.dumps(messages[:-1]))
+        if other is None:
+            raise LlamitaError(f"{where}: no record of {rejected} answers this prompt")
+        pair = {"chosen": messages, "rejected": other}
+        pair_messages(pair, where)  # the same checks as training: an identical answer is refused here
+        out.append(pair)
+    return out
+
+
+def _sft_messages(record: Any, where: str) -> list[Message]:
+    messages = to_messages(record, where)
+    if messages[-1]["role"] != "assistant":
+        raise LlamitaError(f"{where}: the last turn must be the assistant's answer")
+    return messages
 
 
 def fingerprint(source: str | Path) -> str:

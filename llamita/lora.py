@@ -9,6 +9,8 @@ shapes (``llamita.peft`` reads and writes PEFT's files).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -111,9 +113,12 @@ class LoRALinear(nn.Module):
             name: LoRAUpdate(base_layer.in_features, rows, ranks[name], scaling[name], device)
             for name, rows in parts.items()})
         self.dropout = LoRADropout(dropout) if dropout else nn.Identity()
+        self.disabled = False  # ``adapters_disabled``: the base layer alone
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else torch.float32
         x = self.dropout(x).to(dtype)
         for adapter in self.adapters.values():
@@ -155,6 +160,20 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The model with every adapter switched off: its base, the same weights, no copy (DPO's
+    reference model, as PEFT's ``disable_adapter`` gives TRL)."""
+    layers = list(lora_layers(model).values())
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -1,5 +1,9 @@
 """Fine-tuning in plain sight: LoRA, QLoRA or every weight, one loop, nanoGPT style.
 
+Two objectives share the loop: SFT (cross entropy of the responses) and DPO (Rafailov et al. 2023:
+prefer each pair's chosen completion over its rejected one, relative to a reference model, with
+TRL's loss variants). The objective is only how a batch becomes a loss (``objective_sum``).
+
 AdamW with Llama 2's betas (0.9, 0.95) and eps 1e-5; linear warmup then cosine decay to 10% of
 the peak learning rate (as Llama 2 trained); gradient accumulation; clipping; optional gradient
 checkpointing per block; bfloat16 autocast where the device has fast bfloat16.
@@ -19,6 +23,7 @@ which checkpoints and the final model gather whole. Only rank 0 writes files.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -38,12 +43,25 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from llamita.data import IGNORE, Dataset, collate, fingerprint, load_dataset, order, pack, split
+from llamita.data import (
+    IGNORE,
+    PREFERENCE,
+    Dataset,
+    Pair,
+    collate,
+    collate_pairs,
+    fingerprint,
+    load_dataset,
+    load_pairs,
+    order,
+    pack,
+    split,
+)
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write, load_torch_file, read_json, umask
 from llamita.formats import load_model
 from llamita.formats.export import write_tokenizer
-from llamita.lora import LoRAConfig, apply_lora
+from llamita.lora import LoRAConfig, adapters_disabled, apply_lora
 from llamita.model import Llama
 from llamita.nf4 import quantize_nf4
 from llamita.options import option
@@ -51,6 +69,11 @@ from llamita.peft import save_adapter
 from llamita.tokenizer import load_tokenizer
 
 METHODS = ("lora", "qlora", "full")
+OBJECTIVES = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+# What a DPO step reports, named as TRL names it (each a mean over the step's pairs).
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected")
 
 
 @dataclass
@@ -58,9 +81,16 @@ class TrainConfig:
     """Every fine-tuning option; ``llamita finetune``'s flags are made from these fields."""
 
     method: str = option("lora", "lora, qlora (NF4 base) or full (every weight)", choices=METHODS)
+    objective: str = option("sft", "sft: learn the responses; dpo: prefer each pair's chosen completion over its "
+                                   "rejected one (preference data)", choices=OBJECTIVES)
+    # DPO
+    beta: float = option(0.1, "DPO: the reward scale; higher keeps the model nearer the reference")
+    dpo_loss: str = option("sigmoid", "DPO loss as TRL defines it: sigmoid (DPO), ipo, hinge", choices=DPO_LOSSES)
+    label_smoothing: float = option(0.0, "DPO sigmoid: the assumed probability that a preference is flipped "
+                                         "(conservative DPO), in [0, 0.5)")
     # data
     format: str = option("auto", "record format (auto: per record)",
-                         choices=("auto", "alpaca", "chat", "sharegpt", "text"))
+                         choices=("auto", "alpaca", "chat", "sharegpt", "text", *PREFERENCE))
     template: str = option("alpaca", "prompt format: alpaca, or a chat format: auto (the checkpoint's), llama-2, "
                                      "chatml; recorded with the result, which chat/serve then use")
     max_length: int = option(512, "tokens per record (longer ones are truncated)")
@@ -116,10 +146,28 @@ class TrainConfig:
             raise LlamitaError("--resume continues the run in --out, --overwrite replaces it: give one")
         if not 0.0 <= self.val_split < 1.0:
             raise LlamitaError("--val-split must be in [0, 1)")
+        self.check_dpo()
         if self.fsdp and self.method != "full":
             raise LlamitaError("--fsdp shards --method full only (adapters are small: DDP serves them)")
         if self.lr is None:
             self.lr = 2e-5 if self.method == "full" else 2e-4
+
+    def check_dpo(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise LlamitaError(f"--objective {self.objective!r}: known are {', '.join(OBJECTIVES)}")
+        if self.dpo_loss not in DPO_LOSSES:
+            raise LlamitaError(f"--dpo-loss {self.dpo_loss!r}: known are {', '.join(DPO_LOSSES)}")
+        if not self.beta > 0:
+            raise LlamitaError(f"--beta {self.beta}: must be more than 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise LlamitaError(f"--label-smoothing {self.label_smoothing}: must be in [0, 0.5)")
+        if self.label_smoothing and self.dpo_loss != "sigmoid":
+            raise LlamitaError(f"--label-smoothing applies to --dpo-loss sigmoid, not {self.dpo_loss}")
+        if self.objective == "dpo":
+            for flag, on in (("--pack", self.pack), ("--train-on-prompt", self.train_on_prompt),
+                             ("--format text", self.format == "text")):
+                if on:
+                    raise LlamitaError(f"{flag} is for --objective sft; --objective dpo trains on preference pairs")
 
 
 # --- setup ------------------------------------------------------------------------------------------
@@ -196,8 +244,8 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 # --- the loss --------------------------------------------------------------------------------------
 
 
-def loss_sum(model: nn.Module, batch: dict[str, Tensor], device: torch.device, amp: torch.dtype | None) -> Tensor:
-    """Summed cross entropy of every labelled token given the tokens before it.
+def token_losses(model: nn.Module, batch: dict[str, Tensor], device: torch.device, amp: torch.dtype | None) -> Tensor:
+    """Cross entropy of every labelled token given the tokens before it, row by row ([N]).
 
     Only positions that predict a labelled token go through the output layer (``logits_at``).
     With responses a small share of the tokens, this skips most of the largest matmul and the
@@ -211,31 +259,117 @@ def loss_sum(model: nn.Module, batch: dict[str, Tensor], device: torch.device, a
             logits = model(ids, batch["positions"].to(device), mask=batch["mask"].to(device), logits_at=predicts)
         else:
             logits = model(ids, logits_at=predicts)
-    return F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="sum")
+    return F.cross_entropy(logits.float(), targets[targets != IGNORE], reduction="none")
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], device: torch.device, amp: torch.dtype | None) -> Tensor:
+    """SFT: the summed cross entropy of the batch's labelled tokens."""
+    return token_losses(model, batch, device, amp).sum()
+
+
+def sequence_logps(model: nn.Module, batch: dict[str, Tensor], device: torch.device,
+                   amp: torch.dtype | None) -> Tensor:
+    """Each row's log-probability of its labelled tokens (a completion), summed ([B])."""
+    rows = (batch["labels"][:, 1:] != IGNORE).nonzero(as_tuple=True)[0].to(device)
+    token = -token_losses(model, batch, device, amp)
+    return torch.zeros(len(batch["ids"]), dtype=token.dtype, device=device).index_add(0, rows, token)
+
+
+def reference_logps(net: nn.Module, batch: dict[str, Tensor], device: torch.device,
+                    amp: torch.dtype | None) -> Tensor:
+    """DPO's reference: the cached log-probs of the model before training (full fine-tuning), or the
+    same network with its adapters switched off (LoRA, QLoRA), which is that model."""
+    if "ref_logps" in batch:
+        return batch["ref_logps"].to(device)
+    with torch.no_grad(), adapters_disabled(net):
+        return sequence_logps(net, batch, device, amp)
+
+
+def dpo_losses(logps: Tensor, ref: Tensor, lengths: Tensor, cfg: TrainConfig) -> Tensor:
+    """Per pair, TRL's definitions: sigmoid -(1-ls) logsigmoid(beta d) - ls logsigmoid(-beta d) with d
+    the chosen minus the rejected log-ratio (conservative DPO when ls > 0); hinge relu(1 - beta d);
+    ipo (d per completion token - 1/(2 beta))^2, the log-ratios averaged over each completion's tokens."""
+    chosen, rejected = (logps - ref).chunk(2)
+    if cfg.dpo_loss == "ipo":
+        n_chosen, n_rejected = lengths.to(logps.dtype).clamp(min=1).chunk(2)
+        return (chosen / n_chosen - rejected / n_rejected - 1 / (2 * cfg.beta)) ** 2
+    delta = cfg.beta * (chosen - rejected)
+    if cfg.dpo_loss == "hinge":
+        return torch.relu(1 - delta)
+    return -(1 - cfg.label_smoothing) * F.logsigmoid(delta) - cfg.label_smoothing * F.logsigmoid(-delta)
+
+
+def dpo_sum(model: nn.Module, net: nn.Module, batch: dict[str, Tensor], cfg: TrainConfig, device: torch.device,
+            amp: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """A batch of pairs (chosen rows, then rejected rows, in one forward): the summed DPO loss, and
+    the sums of DPO_METRICS over its pairs."""
+    logps = sequence_logps(model, batch, device, amp)
+    ref = reference_logps(net, batch, device, amp)
+    lengths = (batch["labels"][:, 1:] != IGNORE).sum(1).to(device)
+    loss = dpo_losses(logps, ref, lengths, cfg).sum()
+    with torch.no_grad():
+        rewards = cfg.beta * (logps - ref).double()
+        chosen, rejected = rewards.chunk(2)
+        lp_chosen, lp_rejected = logps.double().chunk(2)
+        metrics = torch.stack([chosen.sum(), rejected.sum(), (chosen - rejected).sum(),
+                               (chosen > rejected).double().sum(), lp_chosen.sum(), lp_rejected.sum()])
+    return loss, metrics
+
+
+def objective_sum(model: nn.Module, net: nn.Module, batch: dict[str, Tensor], cfg: TrainConfig,
+                  device: torch.device, amp: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """The batch's summed loss under ``cfg.objective`` (over response tokens for SFT, pairs for DPO)
+    and the sums of its metrics (none for SFT). ``model`` is what trains (DDP's wrapper), ``net`` the
+    module inside it."""
+    if cfg.objective == "dpo":
+        return dpo_sum(model, net, batch, cfg, device, amp)
+    return loss_sum(model, batch, device, amp), torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def units(batch: dict[str, Tensor], cfg: TrainConfig) -> int:
+    """What a loss is a mean over: response tokens (SFT) or pairs (DPO)."""
+    return len(batch["ids"]) // 2 if cfg.objective == "dpo" else n_labels(batch)
 
 
 def n_labels(batch: dict[str, Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def make_batch(examples: list, cfg: TrainConfig) -> dict[str, Tensor]:
+    return collate_pairs(examples) if cfg.objective == "dpo" else collate(examples)
+
+
+def n_tokens(example) -> int:
+    """Real tokens (padding not counted); both sequences of a pair."""
+    return len(example.chosen.ids) + len(example.rejected.ids) if isinstance(example, Pair) else len(example.ids)
+
+
+def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
+    return DPO_METRICS if cfg.objective == "dpo" else ()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch_size: int, d: Dist, amp: torch.dtype | None) -> float:
-    """Token-mean loss over the whole evaluation set, each process taking every world-th batch.
+def evaluate(run: Run) -> dict[str, float]:
+    """The mean loss over the whole evaluation set (per response token, or per pair with the DPO
+    metrics), each process taking every world-th batch.
 
     Every process runs as many forward passes (FSDP gathers weights in each): one left without a
     batch of its own at the end runs the first record again and counts nothing."""
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=d.device)
-    for start in range(0, len(data), batch_size * d.world):
-        i = start + d.rank * batch_size
+    cfg, d, data, names = run.cfg, run.d, run.eval_set, metric_names(run.cfg)
+    run.net.eval()
+    total = torch.zeros(2 + len(names), dtype=torch.float64, device=d.device)
+    for start in range(0, len(data), cfg.batch_size * d.world):
+        i = start + d.rank * cfg.batch_size
         weight = 1.0 if i < len(data) else 0.0
-        batch = collate(data.examples[i: i + batch_size] if weight else data.examples[:1])
-        total += weight * torch.tensor([loss_sum(model, batch, d.device, amp).item(), n_labels(batch)],
-                                       dtype=torch.float64, device=d.device)
+        batch = make_batch(data.examples[i: i + cfg.batch_size] if weight else data.examples[:1], cfg)
+        loss, metrics = objective_sum(run.net, run.net, batch, cfg, d.device, run.amp)
+        count = torch.tensor([units(batch, cfg)], dtype=torch.float64, device=d.device)
+        total += weight * torch.cat([loss.double().reshape(1), count, metrics])
     if d.world > 1:
         dist.all_reduce(total)
-    model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+    run.net.train()
+    mean = (total / total[1].clamp(min=1)).tolist()
+    return {"eval_loss": mean[0], **{f"eval_{name}": value for name, value in zip(names, mean[2:])}}
 
 
 # --- the run's folder --------------------------------------------------------------------------------
@@ -244,10 +378,13 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, d: Dist, amp: tor
 # recorded (and the same model, data and records per step: ``run_identity``). The others (--save-every,
 # --keep-last, --eval-every, --eval-data, --device, --grad-checkpoint, --progress...) may change between a run
 # and its resumption: the steps compute the same.
-SAME_RUN = ("method", "format", "template", "max_length", "train_on_prompt", "pack", "val_split", "lora_r",
+SAME_RUN = ("method", "objective", "beta", "dpo_loss", "label_smoothing", "format", "template", "max_length",
+            "train_on_prompt", "pack", "val_split", "lora_r",
             "lora_alpha", "lora_dropout", "lora_targets", "lr", "warmup", "steps", "epochs", "weight_decay",
             "grad_clip", "precision", "dtype", "seed")
-OUTPUTS = ("checkpoints", "adapter", "model", "metrics.jsonl", "loss.png", "train_config.json")  # what a run writes
+REFERENCE_FILE = "reference_logps.safetensors"  # full-weight DPO's reference log-probs, computed once
+OUTPUTS = ("checkpoints", "adapter", "model", "metrics.jsonl", "loss.png", "train_config.json",
+           REFERENCE_FILE)  # what a run writes
 
 
 def run_identity(cfg: TrainConfig, source: str | Path | None, data: str | Path, world: int) -> dict:
@@ -459,30 +596,40 @@ def load_checkpoint(path: Path, held: dict, model: nn.Module, optimizer: torch.o
 # --- metrics -----------------------------------------------------------------------------------------
 
 
+def plot_series(ax, rows: list[dict], series: list[tuple[str, str, str]], ylabel: str) -> None:
+    for key, label, style in series:
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
 def read_metrics(out: Path) -> list[dict]:
     file = out / "metrics.jsonl"
     return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
 
 
 def plot_loss(out: Path) -> None:
-    """``loss.png``: train loss per step and eval loss, from metrics.jsonl."""
+    """``loss.png``: train loss per step and eval loss, from metrics.jsonl; for DPO a second panel
+    with the reward margin and accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(out)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per response token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    dpo = any("rewards/margins" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    series = [("loss", "train", "-"), ("eval_loss", "eval", "o-")]
+    if dpo:
+        extra = [("rewards/margins", "rewards/margins", "-"), ("rewards/accuracies", "rewards/accuracies", "-"),
+                 ("eval_rewards/accuracies", "eval rewards/accuracies", "o-")]
+        plot_series(axes[0][1], rows, extra, "DPO rewards (beta x log-ratio to the reference)")
+    plot_series(ax, rows, series, "DPO loss (per pair)" if dpo else "loss (nats per response token)")
     fig.tight_layout()
     atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
@@ -535,16 +682,25 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
     net, lora = model_to_train(source, cfg, d.device)
     tokenizer = load_tokenizer(source)
     max_length = min(cfg.max_length, net.config.max_seq_len)  # no longer than the model's context
-    data_options = dict(format=cfg.format, template=cfg.template, max_length=max_length,
-                        train_on_prompt=cfg.train_on_prompt)
-    train_set = load_dataset(data, tokenizer, **data_options)
-    eval_set = load_dataset(cfg.eval_data, tokenizer, **data_options) if cfg.eval_data else None
+    data_options = dict(format=cfg.format, template=cfg.template, max_length=max_length)
+    if cfg.objective == "dpo":
+        load = load_pairs
+    else:
+        load, data_options["train_on_prompt"] = load_dataset, cfg.train_on_prompt
+    train_set = load(data, tokenizer, **data_options)
+    eval_set = load(cfg.eval_data, tokenizer, **data_options) if cfg.eval_data else None
+    if cfg.objective == "dpo":
+        check_pairs(train_set, eval_set, max_length, d.main)
     if cfg.val_split:
         train_set, eval_set = split(train_set, cfg.val_split, cfg.seed)
     examples = pack(train_set.examples, max_length) if cfg.pack else train_set.examples
     per_step = cfg.batch_size * cfg.grad_accum * d.world
-    check_data(train_set, len(train_set) + (len(eval_set) if cfg.val_split else 0), max_length,
-               len(examples), per_step, d.main)
+    if cfg.objective == "sft":
+        check_data(train_set, len(train_set) + (len(eval_set) if cfg.val_split else 0), max_length, d.main)
+    warn_step_size(per_step, len(examples), d.main)
+    amp = autocast_dtype(cfg, d.device)
+    if cfg.objective == "dpo" and cfg.method == "full":  # before any step changes the weights
+        cache_reference(net, {"train": train_set, "eval": eval_set}, out, identity, cfg, d, amp)
 
     sharded = d.world > 1 and (cfg.fsdp or (cfg.method == "full" and d.device.type == "cuda"))
     if sharded:
@@ -565,12 +721,35 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
         atomic_write(out / "train_config.json", lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     ddp = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False) if d.world > 1 and not sharded else net
     return Run(cfg, source, out, d, net, ddp, lora, examples, eval_set, optimizer, per_step, total, start,
-               autocast_dtype(cfg, d.device), sharded, identity)
+               amp, sharded, identity)
 
 
-def check_data(train_set: Dataset, records: int, max_length: int, sequences: int, per_step: int, say: bool) -> None:
+def check_pairs(train_set: Dataset, eval_set: Dataset | None, max_length: int, say: bool) -> None:
+    """Refuse preference data left without a pair within --max-length; say (with ``say``) how many pairs
+    were dropped (a prompt of max_length tokens or more) and how many cut to max_length."""
+    for name, data in (("training", train_set), ("evaluation", eval_set)):
+        if data is None:
+            continue
+        if not data.examples:
+            raise LlamitaError(f"--max-length {max_length}: the prompt of every {name} pair in {data.source} takes "
+                               "that many tokens or more, leaving no completion token; raise --max-length")
+        if say and data.dropped:
+            print(f"llamita: {data.dropped} of {len(data) + data.dropped} {name} pairs dropped: their prompt alone "
+                  f"takes --max-length {max_length} tokens or more", file=sys.stderr)
+        if say and data.truncated:
+            print(f"llamita: {data.truncated} of {len(data) + data.dropped} {name} pairs truncated to {max_length} "
+                  "tokens (prompt and completion; the prompt kept whole)", file=sys.stderr)
+
+
+def warn_step_size(per_step: int, sequences: int, say: bool) -> None:
+    if say and per_step > sequences:
+        print(f"llamita: warning: a step takes {per_step} records (--batch-size x --grad-accum x processes) but "
+              f"the data has {sequences}: each step goes over it {per_step / sequences:.4g} times", file=sys.stderr)
+
+
+def check_data(train_set: Dataset, records: int, max_length: int, say: bool) -> None:
     """Refuse data with nothing to learn within --max-length; say (with ``say``) how many records were
-    cut, how many lost every response token, and when one step takes more records than the data has."""
+    cut and how many lost every response token."""
     mute = sum(all(label == IGNORE for label in e.labels[1:]) for e in train_set.examples)  # position 0 predicts none
     if mute == len(train_set):
         raise LlamitaError(f"--max-length {max_length}: no record keeps a response token within it, so there is "
@@ -582,9 +761,68 @@ def check_data(train_set: Dataset, records: int, max_length: int, sequences: int
     if mute:
         print(f"llamita: {mute} of {len(train_set)} training records keep no response token within --max-length "
               f"{max_length}: they teach nothing", file=sys.stderr)
-    if per_step > sequences:
-        print(f"llamita: warning: a step takes {per_step} records (--batch-size x --grad-accum x processes) but "
-              f"the data has {sequences}: each step goes over it {per_step / sequences:.4g} times", file=sys.stderr)
+
+
+def cache_reference(net: nn.Module, sets: dict[str, Dataset | None], out: Path, identity: dict, cfg: TrainConfig,
+                    d: Dist, amp: torch.dtype | None) -> None:
+    """Full-weight DPO's reference: every pair's log-probs under the model before training, computed
+    once and kept in OUT/reference_logps.safetensors, keyed by the pairs' tokens, the model and the
+    precision (a run resumed, or rerun on the same data, reads them back), so no frozen copy of the
+    weights is held. Each process computes every world-th batch; the sums are shared."""
+    sets = {name: data for name, data in sets.items() if data is not None}
+    key = reference_key(sets, identity, cfg, amp)
+    file = out / REFERENCE_FILE
+    cached = read_reference(file, key)
+    if cached is None or any(name not in cached or len(cached[name]) != len(data) for name, data in sets.items()):
+        cached = {}
+        net.eval()
+        for name, data in sets.items():
+            logps = torch.zeros(len(data), 2, dtype=torch.float32, device=d.device)
+            for start in range(0, len(data), cfg.batch_size * d.world):
+                i = start + d.rank * cfg.batch_size
+                pairs = data.examples[i: i + cfg.batch_size] if i < len(data) else data.examples[:1]
+                with torch.no_grad():
+                    row = sequence_logps(net, collate_pairs(pairs), d.device, amp).float()
+                if i < len(data):
+                    logps[i: i + len(pairs)] = torch.stack(row.chunk(2), dim=1)
+            if d.world > 1:
+                dist.all_reduce(logps)
+            cached[name] = logps.cpu()
+        net.train()
+        if d.main:
+            tensors = {name: t.contiguous() for name, t in cached.items()}
+            atomic_write(file, lambda p: save_file(tensors, p, metadata={"key": key}))
+    for name, data in sets.items():
+        for pair, (chosen, rejected) in zip(data.examples, cached[name].tolist()):
+            pair.ref = (chosen, rejected)
+
+
+def reference_key(sets: dict[str, Dataset], identity: dict, cfg: TrainConfig, amp: torch.dtype | None) -> str:
+    """sha256 of what the reference log-probs depend on: each pair's tokens and labels, the model
+    (its name or path, and its files' sizes and modification times) and the precision."""
+    digest = hashlib.sha256(json.dumps([identity["model"], cfg.dtype, str(amp)]).encode())
+    model = Path(identity["model"])
+    files = sorted(model.rglob("*")) if model.is_dir() else [model] if model.is_file() else []
+    for f in files:
+        if f.is_file():
+            digest.update(f"{f.relative_to(model.parent)}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    for name, data in sets.items():
+        digest.update(name.encode())
+        for pair in data.examples:
+            for e in (pair.chosen, pair.rejected):
+                digest.update(json.dumps([e.ids, e.labels]).encode())
+    return digest.hexdigest()
+
+
+def read_reference(file: Path, key: str) -> dict[str, Tensor] | None:
+    """The cached reference log-probs, if ``file`` holds those of ``key``; None otherwise (or damaged)."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key:
+                return None
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except Exception:  # missing, cut short or not safetensors: compute anew
+        return None
 
 
 def train(run: Run) -> None:
@@ -601,30 +839,31 @@ def train(run: Run) -> None:
             group["lr"] = lr
         # This step's records: a slice of the stream; process r takes the r-th share, in micro-batches.
         idx = order(len(examples), step * run.per_step, run.per_step, cfg.seed)
-        batches = [collate([examples[i] for i in idx[k: k + cfg.batch_size]])
+        batches = [make_batch([examples[i] for i in idx[k: k + cfg.batch_size]], cfg)
                    for k in range(0, run.per_step, cfg.batch_size)]
-        count = sum(n_labels(b) for b in batches)  # over the global batch: every process knows it
-        tokens = sum(len(examples[i].ids) for i in idx)  # real tokens, padding not counted
+        count = sum(units(b, cfg) for b in batches)  # over the global batch: every process knows it
+        tokens = sum(n_tokens(examples[i]) for i in idx)  # real tokens, padding not counted
         seen += tokens
-        step_loss = backward(run, batches[d.rank * cfg.grad_accum: (d.rank + 1) * cfg.grad_accum], count)
+        sums = backward(run, batches[d.rank * cfg.grad_accum: (d.rank + 1) * cfg.grad_accum], count)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
-        row = {"step": done, "loss": step_loss / max(count, 1), "lr": lr, "tokens": tokens,
-               "elapsed_s": round(time.perf_counter() - t0, 3)}
+        means = [value / max(count, 1) for value in sums]
+        row = {"step": done, "loss": means[0], **dict(zip(metric_names(cfg), means[1:])), "lr": lr,
+               "tokens": tokens, "elapsed_s": round(time.perf_counter() - t0, 3)}
         if run.eval_set is not None and (done == run.total or cfg.eval_every and done % cfg.eval_every == 0):
-            row["eval_loss"] = evaluate(run.net, run.eval_set, cfg.batch_size, d, run.amp)
+            row.update(evaluate(run))
         if metrics:  # before the checkpoint: a run resumed from it must find this step's row
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
         if cfg.save_every and done % cfg.save_every == 0 and done < run.total:
             checkpoint_run(run, done)
         if bar:
-            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{seen / max(row['elapsed_s'], 1e-9):.0f}")
+            shown = {name: f"{row[name]:.4g}" for name in ("loss", *metric_names(cfg))}
+            bar.set_postfix(shown | {"lr": f"{lr:.2e}", "tok_s": f"{seen / max(row['elapsed_s'], 1e-9):.0f}"})
             bar.update(1)
     if bar:
         bar.close()
@@ -632,23 +871,24 @@ def train(run: Run) -> None:
         metrics.close()
 
 
-def backward(run: Run, micro_batches: list[dict[str, Tensor]], count: int) -> float:
+def backward(run: Run, micro_batches: list[dict[str, Tensor]], count: int) -> list[float]:
     """Gradients of this process's micro-batches, scaled so that the sum over every process is the
-    global batch's token-mean loss; returns the global batch's summed loss."""
+    global batch's mean loss (per response token for SFT, per pair for DPO); returns the global
+    batch's summed loss and summed metrics."""
     d, sharded = run.d, run.sharded
-    step_loss = torch.zeros((), dtype=torch.float64, device=d.device)
+    sums = torch.zeros(1 + len(metric_names(run.cfg)), dtype=torch.float64, device=d.device)
     for k, batch in enumerate(micro_batches):
         sync = k == len(micro_batches) - 1 or d.world == 1
         if sharded:
             run.net.set_requires_gradient_sync(sync)
         with contextlib.nullcontext() if sync or sharded else run.ddp.no_sync():
-            s = loss_sum(run.ddp, batch, d.device, run.amp)
+            s, metrics = objective_sum(run.ddp, run.net, batch, run.cfg, d.device, run.amp)
             # DDP and FSDP average gradients over processes: scale so the sum over all is the global mean.
             (s * d.world / max(count, 1)).backward()
-        step_loss += s.detach().double()
+        sums += torch.cat([s.detach().double().reshape(1), metrics])
     if d.world > 1:
-        dist.all_reduce(step_loss)
-    return step_loss.item()
+        dist.all_reduce(sums)
+    return sums.tolist()
 
 
 def checkpoint_run(run: Run, step: int) -> None:
