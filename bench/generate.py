@@ -193,13 +193,18 @@ def others_load(start: tuple[int, int], seconds: float) -> float:
     return max(0.0, (busy - start[0]) - (own - start[1])) / capacity
 
 
-def machine() -> str:
+def cpu_model() -> str:
+    """The CPU, as every benchmark records it: model, cores and vector instructions."""
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
     model = next((line.split(":", 1)[1].strip() for line in lscpu if line.startswith("Model name")),
                  platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
     isa = "AVX-512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{model}, {os.cpu_count()} cores ({isa}), {torch.get_num_threads()} torch threads"
+    return f"{model}, {os.cpu_count()} cores ({isa})"
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {torch.get_num_threads()} torch threads"
 
 
 def add_engine_args(parser: argparse.ArgumentParser, rows: list[str]) -> None:

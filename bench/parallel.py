@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import cpu_model  # noqa: E402  (the sibling bench's CPU description)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -89,13 +92,6 @@ def run(source: Path, tp: int, tokens: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=1024)
@@ -119,7 +115,7 @@ def main() -> None:
     import torch
 
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, load average {load:.1f} before the runs; {when}; "
+    print(f"CPU: {cpu_model()}, load average {load:.1f} before the runs; {when}; "
           f"torch {torch.__version__}; model: dim {args.dim}, {args.layers} layers, vocab {args.vocab}, "
           f"{one['weights'] / 1e6:.0f} MB float32")
     print(f"Command: `{' '.join(['python bench/parallel.py', *sys.argv[1:]])}`")

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generate import cpu_model  # noqa: E402  (the sibling bench's CPU description)
 
 INSTRUCTION = ("Rewrite the following paragraph with normal punctuation and spacing (\"@-@\" is a hyphen), "
                "keeping every word:\n\n")
@@ -37,13 +39,6 @@ def paragraphs(path: Path, count: int, words: int) -> list[str]:
         if len(found) == count:
             break
     return found
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return platform.processor()
 
 
 def llamita_rows(new_tokens: int, args) -> tuple[dict[str, Callable], object]:
