@@ -234,8 +234,8 @@ def test_meta_checkpoint_matches_llama_cpp_converter(llama_vocab, tmp_path, kind
 
 # -- the default model (SmolLM2, tied embeddings, byte-level BPE) -------------------------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+@pytest.mark.slow  # q8_0 is checked byte for byte against llama.cpp's converter (the Meta test above)
+@pytest.mark.parametrize("kind", ["f16", "q4_0"])
 def test_default_model_to_gguf(default_gguf, hf_default_model, hf_smol, tmp_path, kind):
     out = tmp_path / f"smol-{kind}.gguf"
     llamita.convert(default_gguf, out, type=kind)

@@ -11,8 +11,7 @@ import pytest
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from helpers import run_cli
-from llamita import LlamitaError
+from llamita import LlamitaError, cli
 from llamita.eval import evaluate
 
 TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -156,11 +155,12 @@ def test_mmlu_few_shot_matches_lm_eval(lm_eval_results, default_llm):
     ({"context": "x", "choices": ["a", "b"]}, "d.jsonl:2: missing field 'answer'"),
     ({"context": 3, "choices": ["a", "b"], "answer": 0}, "d.jsonl:2: field 'context' must be str, not int"),
 ])
-def test_bad_records_name_file_line_and_field(tmp_path, record, message):
+def test_bad_records_name_file_line_and_field(tmp_path, capsys, record, message):
+    """The CLI in process: the data is read and refused before any model loads."""
     data = write_jsonl(tmp_path / "d.jsonl", [RECORDS["generic"][0], record])
-    result = run_cli("eval", "choice", str(data), "--quantize", "none")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith(message), result.stderr
+    assert cli.main(["eval", "choice", str(data), "--quantize", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].endswith(message), err
 
 
 def test_context_longer_than_the_window(tmp_path, default_llm, monkeypatch):

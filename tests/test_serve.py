@@ -181,7 +181,7 @@ def test_arrival_joins_the_running_batch(server):
     poll(lambda: metrics(server)["llamita_running_requests"] == 0, "the long one to be cancelled")
 
 
-def test_next_chat_turn_runs_only_its_new_tokens():
+def test_next_chat_turn_runs_only_its_new_tokens(server, client):
     """A chat's next turn goes to the cache row its previous turn left, runs only the tokens past
     their shared start, and answers as LLM.chat does from scratch. A long request decodes beside it
     in the meantime, so the idle row holding the first turn is fed through decoding steps first
@@ -190,19 +190,18 @@ def test_next_chat_turn_runs_only_its_new_tokens():
 
     llm = LLM.load(None)
     first = [{"role": "user", "content": "Name a large animal that lives in the Andes."}]
-    with running_server("--max-batch", "2", "--max-seq-len", str(SEQ_LEN)) as url:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        answer = client.chat.completions.create(model=MODEL, messages=first, temperature=0, max_tokens=12)
-        second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
-                          {"role": "user", "content": "And a small one?"}]
-        body = {"prompt": COUNTING, "max_tokens": 900, "temperature": 0, "stream": True}
-        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as long:
-            lines = long.iter_lines()  # kept: dropping the iterator would close the stream
-            assert next(lines).startswith("data: ")
-            before = metrics(url)
-            reply = client.chat.completions.create(model=MODEL, messages=second, temperature=0, max_tokens=16)
-            after = metrics(url)
-            assert after["llamita_running_requests"] == 1  # the long one decoded all along
+    url = server
+    answer = client.chat.completions.create(model=MODEL, messages=first, temperature=0, max_tokens=12)
+    second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
+                      {"role": "user", "content": "And a small one?"}]
+    body = {"prompt": COUNTING, "max_tokens": 900, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=300) as long:
+        lines = long.iter_lines()  # kept: dropping the iterator would close the stream
+        assert next(lines).startswith("data: ")
+        before = metrics(url)
+        reply = client.chat.completions.create(model=MODEL, messages=second, temperature=0, max_tokens=16)
+        after = metrics(url)
+        assert after["llamita_running_requests"] == 1  # the long one decoded all along
     assert reply.choices[0].message.content == llm.chat(second, temperature=0, max_new_tokens=16)
     cached = after["llamita_prompt_tokens_cached_total"] - before["llamita_prompt_tokens_cached_total"]
     assert len(llm.encode_chat(first)) <= cached < len(llm.encode_chat(second))

@@ -168,7 +168,7 @@ class FixedDraft:
         return tokens, self.q.expand(k, -1)
 
 
-@pytest.mark.parametrize("draft", ["fixed q", "certain", "self-int4"])
+@pytest.mark.parametrize("draft", ["fixed q", "certain", pytest.param("self-int4", marks=pytest.mark.slow)])
 def test_sampling_keeps_the_target_distribution(tiny, target_dir, draft):
     """Three tokens (top-k 2, so 8 outcomes) sampled 600 times with speculation (k = 2: the second token
     a draft's kept or replaced, the third a bonus token or a plain one), counted against
