@@ -71,9 +71,7 @@ def distribution(logits: Tensor, params: SamplingParams, seen: Tensor | None = N
     """The probabilities [vocab] (float32, summing to 1) that ``sample`` draws from: after the
     repetition penalty, temperature, top-k and top-p; greedy: one-hot at the argmax. Speculative
     decoding compares the target's and the draft's (``verify_draft``), so there is one definition."""
-    logits = logits.float()
-    if seen is not None:
-        logits = penalize_repetition(logits, seen, params.repetition_penalty)
+    logits = _penalized(logits, params, seen)
     if params.temperature < GREEDY_BELOW:
         return torch.zeros_like(logits).index_fill_(-1, logits.argmax(-1, keepdim=True), 1.0)
     logits = logits / params.temperature
@@ -95,11 +93,17 @@ def distribution(logits: Tensor, params: SamplingParams, seen: Tensor | None = N
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator, seen: Tensor | None = None) -> int:
-    """One token id from one row of logits [vocab]."""
-    probs = distribution(logits, params, seen)
+    """One token id from one row of logits [vocab]; greedy takes the argmax without building the
+    one-hot distribution (every token of every greedy request passes here)."""
     if params.temperature < GREEDY_BELOW:
-        return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+        return int(_penalized(logits, params, seen).argmax())
+    return int(torch.multinomial(distribution(logits, params, seen), 1, generator=generator))
+
+
+def _penalized(logits: Tensor, params: SamplingParams, seen: Tensor | None) -> Tensor:
+    """float32 logits with the repetition penalty applied (the first step of ``distribution``)."""
+    logits = logits.float()
+    return logits if seen is None else penalize_repetition(logits, seen, params.repetition_penalty)
 
 
 # -- speculative sampling (Leviathan et al. 2023, Chen et al. 2023) ---------------------------------------
