@@ -63,7 +63,9 @@ def read_json(path: Path) -> dict:
     """A JSON object from ``path``; a clear error naming the file when it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise LlamitaError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LlamitaError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise LlamitaError(f"{path}: JSON nested too deeply to read") from None
