@@ -13,11 +13,11 @@ _EXPORTS = {
     "Config": "llamita.config", "LLM": "llamita.llm", "Llama": "llamita.model", "LlamitaError": "llamita.errors",
     "SamplingParams": "llamita.sampling", "convert": "llamita.formats.export", "encode_chat": "llamita.chat",
     "evaluate": "llamita.eval",
-    "finetune": "llamita.train", "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer",
+    "finetune": "llamita.train", "pretrain": "llamita.pretraining", "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer",
     "save_model": "llamita.formats",
 }
 __all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "convert", "encode_chat", "evaluate",
-           "finetune",
+           "finetune", "pretrain",
            "load_model", "load_tokenizer", "save_model"]
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from llamita.formats.export import convert
     from llamita.llm import LLM
     from llamita.model import Llama
+    from llamita.pretraining import pretrain
     from llamita.sampling import SamplingParams
     from llamita.tokenizer import load_tokenizer
     from llamita.train import finetune

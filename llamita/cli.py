@@ -270,6 +270,30 @@ def add_finetune_args(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainConfig)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from llamita.pretraining import PretrainConfig, pretrain
+
+    result = pretrain(args.config, args.data, args.tokenizer, args.out, **options_of(args, PretrainConfig))
+    print(f"llamita: wrote {result}", file=sys.stderr)
+
+
+def add_pretrain_parser(sub: argparse._SubParsersAction) -> None:
+    from llamita.pretraining import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="train a Llama from random weights on text, with Llama 2's recipe")
+    p.add_argument("--config", required=True,
+                   help="the architecture: a preset (llama2c-15m, llama2c-42m, llama2c-110m, llama2c-260k, "
+                        "llama-2-7b ...) or a Hugging Face config.json (or a folder holding one)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="text: .txt files (a document each), .jsonl files (a \"text\" per line), folders of "
+                        "them; or a folder of token shards made earlier (OUT/tokens of another run)")
+    p.add_argument("--tokenizer", required=True, help="a folder of tokenizer files (llamita tokenizer train's)")
+    p.add_argument("--out", required=True,
+                   help="output folder: model/ (HF checkpoint), tokens/, metrics.jsonl, loss.png, checkpoints/")
+    add_options(p, PretrainConfig, skip=("grad_accum",))
+    p.set_defaults(func=cmd_pretrain)
+
+
 def cmd_pair(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -384,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_args(p)
     p.set_defaults(func=cmd_finetune)
 
+    add_pretrain_parser(sub)
     add_pair_parser(sub)
     add_export_parsers(sub)
 

@@ -35,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -60,12 +61,13 @@ from llamita.data import (
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write, load_torch_file, read_json, umask
 from llamita.formats import load_model
-from llamita.formats.export import write_tokenizer
+from llamita.formats.export import copy_tokenizer_files, write_tokenizer
 from llamita.lora import LoRAConfig, adapters_disabled, apply_lora
 from llamita.model import Llama
 from llamita.nf4 import quantize_nf4
 from llamita.options import option
 from llamita.peft import save_adapter
+from llamita.shards import collate_windows
 from llamita.tokenizer import load_tokenizer
 
 METHODS = ("lora", "qlora", "full")
@@ -77,7 +79,52 @@ DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards
 
 
 @dataclass
-class TrainConfig:
+class LoopConfig:
+    """The training loop's options, shared by ``llamita finetune`` and ``llamita pretrain``."""
+
+    lr: float | None = option(None, "peak learning rate (default 2e-4; 2e-5 for full)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at this fraction of the peak rate (Llama 2: 0.1)")
+    batch_size: int = option(4, "records per micro-batch per process")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    warmup: int | None = option(10, "linear warmup steps")
+    steps: int | None = option(None, "optimizer steps (default: from --epochs)")
+    weight_decay: float = option(0.0, "AdamW weight decay (on matrices; norms are not decayed)")
+    grad_clip: float = option(1.0, "gradient norm clip (0: none)")
+    grad_checkpoint: bool = option(False, "recompute activations in backward")
+    precision: str = option("auto", "auto: bfloat16 autocast on CUDA with bf16, float32 otherwise",
+                            choices=("auto", "bf16", "fp32"))
+    seed: int = option(1337, "random seed (data order, initialisation, dropout)")
+    val_split: float = option(0.0, "fraction of records held out for eval loss")
+    eval_every: int = option(0, "steps between eval losses (0: at the end)")
+    save_every: int = option(0, "steps between checkpoints (0: none)")
+    keep_last: int = option(2, "checkpoints kept")
+    resume: bool = option(False, "continue the run in --out from its latest checkpoint (same options, model, data)")
+    overwrite: bool = option(False, "replace the run --out holds (its checkpoints, metrics and result) with a new one")
+    device: str = option("cpu", "cpu, cuda, cuda:1 ...")
+    fsdp: bool = option(False, "under torchrun, shard every weight with FSDP2 (the default on CUDA for full "
+                               "training; DDP otherwise)")
+    progress: bool = option(True, "a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise LlamitaError(f"--precision {self.precision!r}: known are auto, bf16, fp32")
+        for name, least in (("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("steps", 1), ("warmup", 0),
+                            ("save_every", 0), ("eval_every", 0), ("grad_clip", 0), ("weight_decay", 0)):
+            value = getattr(self, name)
+            if value is not None and not value >= least:  # `not >=`: NaN too
+                raise LlamitaError(f"--{name.replace('_', '-')} {value}: must be at least {least}")
+        if self.lr is not None and not self.lr > 0:
+            raise LlamitaError(f"--lr {self.lr}: must be more than 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise LlamitaError(f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
+        if self.resume and self.overwrite:
+            raise LlamitaError("--resume continues the run in --out, --overwrite replaces it: give one")
+        if not 0.0 <= self.val_split < 1.0:
+            raise LlamitaError("--val-split must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
     """Every fine-tuning option; ``llamita finetune``'s flags are made from these fields."""
 
     method: str = option("lora", "lora, qlora (NF4 base) or full (every weight)", choices=METHODS)
@@ -96,56 +143,27 @@ class TrainConfig:
     max_length: int = option(512, "tokens per record (longer ones are truncated)")
     train_on_prompt: bool = option(False, "put loss on prompt tokens too")
     pack: bool = option(False, "pack short records into full sequences")
-    val_split: float = option(0.0, "fraction of records held out for eval loss")
     eval_data: str | None = option(None, "a separate evaluation data file")
-    eval_every: int = option(0, "steps between eval losses (0: at the end)")
+    epochs: float | None = option(None, "passes over the data (default 1 when --steps is not given)")
     # LoRA
     lora_r: int = option(8, "LoRA rank")
     lora_alpha: float = option(16.0, "LoRA alpha (updates are scaled by alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the adapters' input")
     lora_targets: str = option("q,v", "comma-separated: q,k,v,o,gate,up,down or all")
-    # optimization
-    lr: float | None = option(None, "peak learning rate (default 2e-4; 2e-5 for full)")
-    batch_size: int = option(4, "records per micro-batch per process")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    warmup: int = option(10, "linear warmup steps")
-    steps: int | None = option(None, "optimizer steps (default: from --epochs)")
-    epochs: float | None = option(None, "passes over the data (default 1 when --steps is not given)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient norm clip (0: none)")
-    grad_checkpoint: bool = option(False, "recompute activations in backward")
-    precision: str = option("auto", "auto: bfloat16 autocast on CUDA with bf16, float32 otherwise",
-                            choices=("auto", "bf16", "fp32"))
-    seed: int = option(1337, "random seed (data order, LoRA init, dropout)")
-    # outputs
-    save_every: int = option(0, "steps between checkpoints (0: none)")
-    keep_last: int = option(2, "checkpoints kept")
-    resume: bool = option(False, "continue the run in --out from its latest checkpoint (same options, model, data)")
-    overwrite: bool = option(False, "replace the run --out holds (its checkpoints, metrics and result) with a new one")
     dtype: str | None = option(None, "the frozen weights' dtype (default float32; bfloat16 for qlora)",
                                choices=("float32", "bfloat16", "float16"))
-    device: str = option("cpu", "cpu, cuda, cuda:1 ...")
-    fsdp: bool = option(False, "under torchrun, shard --method full with FSDP2 (the default on CUDA; DDP otherwise)")
-    progress: bool = option(True, "a progress bar")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise LlamitaError(f"--method {self.method!r}: known methods are {', '.join(METHODS)}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise LlamitaError(f"--precision {self.precision!r}: known are auto, bf16, fp32")
-        for name, least in (("max_length", 2), ("batch_size", 1), ("grad_accum", 1), ("keep_last", 1), ("steps", 1),
-                            ("warmup", 0), ("save_every", 0), ("eval_every", 0), ("grad_clip", 0), ("weight_decay", 0)):
-            value = getattr(self, name)
-            if value is not None and not value >= least:  # `not >=`: NaN too
-                why = " (a token and the next, which it learns to predict)" if name == "max_length" else ""
-                raise LlamitaError(f"--{name.replace('_', '-')} {value}: must be at least {least}{why}")
-        for name in ("epochs", "lr"):
-            if (value := getattr(self, name)) is not None and not value > 0:
-                raise LlamitaError(f"--{name} {value}: must be more than 0")
-        if self.resume and self.overwrite:
-            raise LlamitaError("--resume continues the run in --out, --overwrite replaces it: give one")
-        if not 0.0 <= self.val_split < 1.0:
-            raise LlamitaError("--val-split must be in [0, 1)")
+        if not self.max_length >= 2:
+            raise LlamitaError(f"--max-length {self.max_length}: must be at least 2 (a token and the next, which "
+                               "it learns to predict)")
+        if self.epochs is not None and not self.epochs > 0:
+            raise LlamitaError(f"--epochs {self.epochs}: must be more than 0")
+        if self.warmup is None:
+            raise LlamitaError("--warmup: give a number of steps")
         self.check_dpo()
         if self.fsdp and self.method != "full":
             raise LlamitaError("--fsdp shards --method full only (adapters are small: DDP serves them)")
@@ -214,12 +232,17 @@ def model_to_train(source, cfg: TrainConfig, device: torch.device) -> tuple[Llam
         lora = LoRAConfig(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         apply_lora(model, lora)
     if cfg.grad_checkpoint:
-        for block in model.layers:  # recompute each block's activations in backward: memory for time
-            block.forward = lambda *args, f=block.forward: checkpoint(f, *args, use_reentrant=False)
+        checkpoint_blocks(model)
     return model.train(), lora
 
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+def checkpoint_blocks(model: Llama) -> None:
+    """Recompute each block's activations in backward: memory for time."""
+    for block in model.layers:
+        block.forward = lambda *args, f=block.forward: checkpoint(f, *args, use_reentrant=False)
+
+
+def autocast_dtype(cfg: LoopConfig, device: torch.device) -> torch.dtype | None:
     if cfg.precision == "fp32":
         return None
     if cfg.precision == "bf16":
@@ -229,12 +252,13 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     return None  # CPU: bfloat16 matmuls are slower than float32 without AMX, and less exact
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine from lr to lr/10 at the last step."""
+def lr_at(step: int, cfg: LoopConfig, total: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from lr to ``min_lr_ratio`` x lr at the last step."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(1, total - 1 - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    low = cfg.min_lr_ratio
+    return cfg.lr * (low + (1 - low) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -249,12 +273,16 @@ def token_losses(model: nn.Module, batch: dict[str, Tensor], device: torch.devic
 
     Only positions that predict a labelled token go through the output layer (``logits_at``).
     With responses a small share of the tokens, this skips most of the largest matmul and the
-    [tokens, vocab] logits, the biggest activation in training.
+    [tokens, vocab] logits, the biggest activation in training. Pretraining windows carry their
+    ``targets`` (every position predicts one): all positions, no indexing.
     """
     ids = batch["ids"].to(device)
-    targets = batch["labels"][:, 1:].to(device)
-    predicts = F.pad(targets != IGNORE, (0, 1))  # position t predicts token t + 1
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        if "targets" in batch:
+            return F.cross_entropy(model(ids).flatten(0, 1).float(), batch["targets"].to(device).flatten(),
+                                   reduction="none")
+        targets = batch["labels"][:, 1:].to(device)
+        predicts = F.pad(targets != IGNORE, (0, 1))  # position t predicts token t + 1
         if "mask" in batch:  # packed records: each attends only to itself, from position 0
             logits = model(ids, batch["positions"].to(device), mask=batch["mask"].to(device), logits_at=predicts)
         else:
@@ -327,7 +355,9 @@ def objective_sum(model: nn.Module, net: nn.Module, batch: dict[str, Tensor], cf
 
 
 def units(batch: dict[str, Tensor], cfg: TrainConfig) -> int:
-    """What a loss is a mean over: response tokens (SFT) or pairs (DPO)."""
+    """What a loss is a mean over: response tokens (SFT), pairs (DPO) or every next token (pretraining)."""
+    if cfg.objective == "pretrain":
+        return batch["targets"].numel()
     return len(batch["ids"]) // 2 if cfg.objective == "dpo" else n_labels(batch)
 
 
@@ -336,12 +366,16 @@ def n_labels(batch: dict[str, Tensor]) -> int:
 
 
 def make_batch(examples: list, cfg: TrainConfig) -> dict[str, Tensor]:
+    if cfg.objective == "pretrain":
+        return collate_windows(examples)
     return collate_pairs(examples) if cfg.objective == "dpo" else collate(examples)
 
 
 def n_tokens(example) -> int:
-    """Real tokens (padding not counted); both sequences of a pair."""
-    return len(example.chosen.ids) + len(example.rejected.ids) if isinstance(example, Pair) else len(example.ids)
+    """Real tokens (padding not counted); both sequences of a pair; a pretraining window's inputs."""
+    if isinstance(example, Pair):
+        return len(example.chosen.ids) + len(example.rejected.ids)
+    return len(example) - 1 if isinstance(example, np.ndarray) else len(example.ids)
 
 
 def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
@@ -652,9 +686,9 @@ def finetune(model: str | Path | None, data: str | Path, out: str | Path, **opti
 
 @dataclass
 class Run:
-    """A fine-tuning run as ``prepare`` sets it up: what the loop reads and updates."""
+    """A training run as ``start_run`` sets it up: what the loop reads and updates."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # or PretrainConfig
     source: str | Path | None
     out: Path
     d: Dist
@@ -670,6 +704,8 @@ class Run:
     amp: torch.dtype | None
     sharded: bool
     identity: dict  # what the run is (``run_identity``), recorded in train_config.json and each checkpoint
+    flops_per_token: float = 0.0  # training FLOPs a token costs (pretraining reports MFU with it)
+    peak_flops: float = 0.0  # the device's rate those FLOPs are measured against
 
 
 def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainConfig) -> Run:
@@ -701,13 +737,23 @@ def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainCo
     amp = autocast_dtype(cfg, d.device)
     if cfg.objective == "dpo" and cfg.method == "full":  # before any step changes the weights
         cache_reference(net, {"train": train_set, "eval": eval_set}, out, identity, cfg, d, amp)
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(examples) / per_step))
+    return start_run(cfg, source, out, d, net, lora, examples, eval_set, per_step, total, resumed, identity)
 
+
+def start_run(cfg: LoopConfig, source: str | Path | None, out: Path, d: Dist, net: nn.Module,
+              lora: LoRAConfig | None, examples, eval_set: Dataset | None, per_step: int, total: int,
+              resumed: tuple[Path, dict] | None, identity: dict) -> Run:
+    """What every run does once its model and data are ready: shard (FSDP) or wrap (DDP) the model,
+    make the optimizer, restore a checkpoint, and start the metrics and the run's record."""
+    amp = autocast_dtype(cfg, d.device)
     sharded = d.world > 1 and (cfg.fsdp or (cfg.method == "full" and d.device.type == "cuda"))
     if sharded:
         shard(net)
-    optimizer = torch.optim.AdamW(trainable(net).values(), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5,
-                                  weight_decay=cfg.weight_decay)
-    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * len(examples) / per_step))
+    params = trainable(net).values()  # matrices decay; norm gains (1-D) do not, as in nanoGPT and litgpt
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-5)
     start = 0
     if resumed:
         start = load_checkpoint(*resumed, net, optimizer, d.rank, sharded)
@@ -852,8 +898,11 @@ def train(run: Run) -> None:
 
         done = step + 1
         means = [value / max(count, 1) for value in sums]
+        elapsed = time.perf_counter() - t0
         row = {"step": done, "loss": means[0], **dict(zip(metric_names(cfg), means[1:])), "lr": lr,
-               "tokens": tokens, "elapsed_s": round(time.perf_counter() - t0, 3)}
+               "tokens": tokens, "elapsed_s": round(elapsed, 3), "tok_s": round(seen / max(elapsed, 1e-9), 1)}
+        if run.flops_per_token and run.peak_flops:
+            row["mfu"] = round(row["tok_s"] * run.flops_per_token / run.peak_flops, 4)
         if run.eval_set is not None and (done == run.total or cfg.eval_every and done % cfg.eval_every == 0):
             row.update(evaluate(run))
         if metrics:  # before the checkpoint: a run resumed from it must find this step's row
@@ -863,7 +912,8 @@ def train(run: Run) -> None:
             checkpoint_run(run, done)
         if bar:
             shown = {name: f"{row[name]:.4g}" for name in ("loss", *metric_names(cfg))}
-            bar.set_postfix(shown | {"lr": f"{lr:.2e}", "tok_s": f"{seen / max(row['elapsed_s'], 1e-9):.0f}"})
+            shown |= {"lr": f"{lr:.2e}", "tok_s": f"{row['tok_s']:.0f}"}
+            bar.set_postfix(shown | ({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
             bar.update(1)
     if bar:
         bar.close()
@@ -905,13 +955,14 @@ def checkpoint_run(run: Run, step: int) -> None:
 
 def learned_template(cfg: TrainConfig) -> str | None:
     """The prompt template the records were rendered in; None for plain text (no template)."""
-    return None if cfg.format == "text" else cfg.template
+    return None if cfg.objective == "pretrain" or cfg.format == "text" else cfg.template
 
 
 def progress_bar(run: Run):
     from tqdm import tqdm
 
-    return tqdm(total=run.total, initial=run.start, desc="finetune", unit="step", dynamic_ncols=True)
+    desc = "pretrain" if run.cfg.objective == "pretrain" else "finetune"
+    return tqdm(total=run.total, initial=run.start, desc=desc, unit="step", dynamic_ncols=True)
 
 
 def finish(run: Run) -> Path:
@@ -929,7 +980,10 @@ def finish(run: Run) -> Path:
             from llamita.formats import save_model
 
             save_model(run.net, result, state_dict=weights, template=learned_template(cfg))
-            write_tokenizer(run.source, result)
+            if cfg.objective == "pretrain":  # the source is the tokenizer's folder
+                copy_tokenizer_files(Path(run.source), result)
+            else:
+                write_tokenizer(run.source, result)
         plot_loss(run.out)
     if d.world > 1:
         dist.barrier()

@@ -64,11 +64,8 @@ def write_tokenizer(source: str | Path | None, directory: str | Path) -> None:
 
     fmt, path = detect(source)
     directory = Path(directory)
-    if fmt == "hf":  # copy the files as they are: nothing is lost
-        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                     "chat_template.jinja", "generation_config.json"):
-            if (path / name).is_file():
-                atomic_write(directory / name, lambda p, src=path / name: shutil.copyfile(src, p))
+    if fmt == "hf":
+        copy_tokenizer_files(path, directory)
         return
     tok = load_tokenizer(source)
     if tok.kind == "sentencepiece":
@@ -84,3 +81,12 @@ def write_tokenizer(source: str | Path | None, directory: str | Path) -> None:
     if tok.chat_template:
         config["chat_template"] = tok.chat_template
     atomic_write(directory / "tokenizer_config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def copy_tokenizer_files(source: Path, directory: Path) -> None:
+    """A Hugging Face tokenizer's files (a checkpoint's, or ``llamita tokenizer train``'s), copied as they
+    are: nothing is lost."""
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                 "chat_template.jinja", "generation_config.json"):
+        if (source / name).is_file():
+            atomic_write(directory / name, lambda p, src=source / name: shutil.copyfile(src, p))
