@@ -316,6 +316,28 @@ def add_pair_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_pair)
 
 
+def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
+    def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+        from llamita.tokenizer_train import train_tokenizer
+
+        print(train_tokenizer(args.files, args.out, args.vocab_size, sample_sentences=args.sample_sentences,
+                              max_sentence_length=args.max_sentence_length, verbose=args.verbose))
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer")
+    t = p.add_subparsers(dest="action", required=True).add_parser(
+        "train", help="a SentencePiece BPE tokenizer trained on text files with Llama 2's own trainer settings")
+    t.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files, one sentence or paragraph a line")
+    t.add_argument("--vocab-size", type=int, default=32000, help="pieces in the vocabulary (default: 32000, Llama 2's)")
+    t.add_argument("--out", required=True,
+                   help="output directory: tokenizer.model, tokenizer_config.json, special_tokens_map.json")
+    t.add_argument("--sample-sentences", type=int, default=10_000_000,
+                   help="lines sampled from the corpus, so it need not fit in memory (default: 10000000; 0: all)")
+    t.add_argument("--max-sentence-length", type=int, default=4192,
+                   help="lines longer than this many bytes are skipped (default: 4192, as Meta's)")
+    t.add_argument("--verbose", action="store_true", help="show sentencepiece's training log on stderr")
+    t.set_defaults(func=cmd_tokenizer_train)
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
@@ -410,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_pretrain_parser(sub)
     add_pair_parser(sub)
+    add_tokenizer_parser(sub)
     add_export_parsers(sub)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server that batches concurrent requests")

@@ -302,7 +302,10 @@ class StreamDecoder:
 
 def load_tokenizer(source: str | Path | None = None) -> Tokenizer:
     """The tokenizer of a checkpoint: a GGUF file, an HF directory or a Meta directory
-    (``None`` or the default model's name: the embedded default GGUF)."""
+    (``None`` or the default model's name: the embedded default GGUF), or a directory holding only a
+    tokenizer (as ``llamita tokenizer train`` writes it, and as transformers' AutoTokenizer loads one)."""
+    if source is not None and _tokenizer_only(path := Path(source).expanduser()):
+        return _from_hf(path)
     fmt, path = detect(source)
     if fmt == "gguf":
         from llamita.formats.gguf import gguf_metadata, open_gguf
@@ -444,6 +447,12 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int], p
 
 
 # --- Hugging Face and Meta directories --------------------------------------------------------------
+
+
+def _tokenizer_only(path: Path) -> bool:
+    """A directory with tokenizer files but no model config (config.json, params.json)."""
+    return (path.is_dir() and not any((path / n).is_file() for n in ("config.json", "params.json"))
+            and any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")))
 
 
 def _from_hf(path: Path) -> Tokenizer:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,10 +77,17 @@ def write_tokenizer(source: str | Path | None, directory: str | Path) -> None:
         atomic_write(directory / "tokenizer.json", tok.save_tokenizer_json)
         cls = "PreTrainedTokenizerFast"
     name = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
-    config = {"tokenizer_class": cls, "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id),
-              "add_bos_token": tok.add_bos, "add_eos_token": False, "legacy": True}
-    if tok.chat_template:
-        config["chat_template"] = tok.chat_template
+    more = {"chat_template": tok.chat_template} if tok.chat_template else {}
+    write_tokenizer_config(directory, cls, bos=name(tok.bos_id), eos=name(tok.eos_id), add_bos=tok.add_bos, **more)
+
+
+def write_tokenizer_config(directory: Path, tokenizer_class: str, *, bos: str | None, eos: str | None,
+                           add_bos: bool, **more: Any) -> None:
+    """``tokenizer_config.json`` for transformers: the special tokens, BOS without EOS, and ``legacy``
+    true so that each stretch of text between special tokens gets SentencePiece's dummy prefix, as
+    llamita and llama.cpp encode it. ``more``: further keys (chat_template...)."""
+    config = {"tokenizer_class": tokenizer_class, "bos_token": bos, "eos_token": eos,
+              "add_bos_token": add_bos, "add_eos_token": False, "legacy": True, **more}
     atomic_write(directory / "tokenizer_config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 
 
