@@ -13,12 +13,13 @@ _EXPORTS = {
     "Config": "llamita.config", "LLM": "llamita.llm", "Llama": "llamita.model", "LlamitaError": "llamita.errors",
     "SamplingParams": "llamita.sampling", "convert": "llamita.formats.export", "encode_chat": "llamita.chat",
     "evaluate": "llamita.eval",
-    "finetune": "llamita.train", "pretrain": "llamita.pretraining", "load_model": "llamita.formats", "load_tokenizer": "llamita.tokenizer",
-    "save_model": "llamita.formats",
+    "finetune": "llamita.train", "pretrain": "llamita.pretraining", "load_model": "llamita.formats",
+    "load_tokenizer": "llamita.tokenizer",
+    "save_model": "llamita.formats", "train_tokenizer": "llamita.tokenizer_train",
 }
 __all__ = ["Config", "LLM", "Llama", "LlamitaError", "SamplingParams", "convert", "encode_chat", "evaluate",
            "finetune", "pretrain",
-           "load_model", "load_tokenizer", "save_model"]
+           "load_model", "load_tokenizer", "save_model", "train_tokenizer"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from llamita.pretraining import pretrain
     from llamita.sampling import SamplingParams
     from llamita.tokenizer import load_tokenizer
+    from llamita.tokenizer_train import train_tokenizer
     from llamita.train import finetune
 
 

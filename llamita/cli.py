@@ -323,8 +323,9 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
         print(train_tokenizer(args.files, args.out, args.vocab_size, sample_sentences=args.sample_sentences,
                               max_sentence_length=args.max_sentence_length, verbose=args.verbose))
 
-    p = sub.add_parser("tokenizer", help="train a tokenizer")
-    t = p.add_subparsers(dest="action", required=True).add_parser(
+    p = sub.add_parser("tokenizer", help="train a tokenizer; tokenize a corpus for pretraining")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser(
         "train", help="a SentencePiece BPE tokenizer trained on text files with Llama 2's own trainer settings")
     t.add_argument("files", nargs="+", metavar="FILES", help="UTF-8 text files, one sentence or paragraph a line")
     t.add_argument("--vocab-size", type=int, default=32000, help="pieces in the vocabulary (default: 32000, Llama 2's)")
@@ -336,6 +337,18 @@ def add_tokenizer_parser(sub: argparse._SubParsersAction) -> None:
                    help="lines longer than this many bytes are skipped (default: 4192, as Meta's)")
     t.add_argument("--verbose", action="store_true", help="show sentencepiece's training log on stderr")
     t.set_defaults(func=cmd_tokenizer_train)
+
+    def cmd_tokenizer_encode(args: argparse.Namespace) -> None:
+        from llamita.shards import tokenize_corpus
+
+        print(tokenize_corpus(args.files, args.tokenizer, args.out))
+
+    e = actions.add_parser("encode", help="token shards for llamita pretrain --data: a corpus tokenized once")
+    e.add_argument("files", nargs="+", metavar="FILES",
+                   help=".txt files (a document each), .jsonl files (a \"text\" per line), or folders of them")
+    e.add_argument("--tokenizer", required=True, help="a folder of tokenizer files (llamita tokenizer train's)")
+    e.add_argument("--out", required=True, help="output folder: shard-NNNNN.bin and manifest.json")
+    e.set_defaults(func=cmd_tokenizer_encode)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -91,3 +91,11 @@ def load_state_dict(file: Path, what: str = "PyTorch weights file") -> dict[str,
                                               for k, t in state.items()):
         raise LlamitaError(f"{file}: not a state dict (a mapping of names to tensors)")
     return state
+
+
+def not_utf8(path: Path | str, error: UnicodeDecodeError, offset: int = 0) -> LlamitaError:
+    """The one-line error for a file that is not UTF-8: the bad byte and its offset in the file
+    (``offset``: where the bytes that failed to decode start)."""
+    bad = error.object[error.start]
+    return LlamitaError(f"{path}: not UTF-8 text: byte 0x{bad:02X} at byte offset {offset + error.start} "
+                        f"({error.reason})")

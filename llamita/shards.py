@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llamita.errors import LlamitaError
-from llamita.files import read_json, umask
+from llamita.files import not_utf8, read_json, umask
 from llamita.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -49,11 +49,11 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def utf8(data: bytes, path: Path, offset: int = 0, where: str = "") -> str:
-    """``data`` decoded, or a one-line error naming the file and the byte offset of the first bad byte."""
+    """``data`` decoded, or a one-line error naming the file (and ``where`` in it) and the bad byte's offset."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise LlamitaError(f"{path}{where}: not UTF-8 text: byte {offset + e.start} is {data[e.start]:#04x}") from None
+        raise not_utf8(f"{path}{where}", e, offset) from None
 
 
 def documents(path: Path) -> Iterator[str]:

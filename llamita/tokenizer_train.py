@@ -21,7 +21,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from llamita.errors import LlamitaError
-from llamita.files import atomic_write, umask
+from llamita.files import atomic_write, not_utf8, umask
 from llamita.formats.export import write_tokenizer_config
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
@@ -94,9 +94,7 @@ def _check_utf8(path: Path) -> bool:
                 try:
                     text = decoder.decode(chunk, final=not chunk)
                 except UnicodeDecodeError as e:
-                    bad = e.object[e.start]
-                    raise LlamitaError(f"{path}: not UTF-8 text: byte 0x{bad:02X} at byte offset "
-                                       f"{at - pending + e.start} ({e.reason})") from None
+                    raise not_utf8(path, e, at - pending) from None
                 has_text = has_text or bool(text.replace("\ufeff", "").strip())  # a BOM is not text
                 if not chunk:
                     return has_text

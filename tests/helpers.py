@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import resource
 import socket
@@ -410,3 +411,41 @@ def chat_reference(hf_tok, messages: list[dict], content: str, add_generation_pr
     return (hf_tok.encode(head, add_special_tokens=False)
             + hf_tok.encode(content, add_special_tokens=False, split_special_tokens=True)
             + hf_tok.encode(tail, add_special_tokens=False))
+
+
+# --- text ---------------------------------------------------------------------------------------------
+
+_WORDS = ("el la los las de del que y en un una por con para como más pero sus le ya o este sí porque esta "
+          "entre cuando muy sin sobre también me hasta hay donde quien desde todo nos durante todos uno les "
+          "caballero hidalgo señora escudero molino camino aldea lanza rocín galgo año mañana corazón niño "
+          "ñandú pequeño compañía razón jardín canción montaña árbol pájaro música último después según aquí "
+          "allí así había tenía decía respondió preguntó vuestra merced Sancho Quijote Dulcinea Toboso Mancha")
+_SYLLABLES = ("ba be bi bo bu ca co cu da de di do du fa fe fi fo ga go gu la le li lo lu ma me mi mo mu na ne ni "
+              "no nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi vo za zo "
+              "ción sión ñá ñe ño llá lle llo rrá rre rro chá che cho güe qui que gué tá té tí tó tú")
+
+
+def spanish_text(n_bytes: int, seed: int = 0) -> str:
+    """Spanish-looking prose of about ``n_bytes`` UTF-8 bytes (real words and made-up ones from Spanish
+    syllables, accents and ñ, years, ¿?¡!«» and line ends), the same for the same seed: a corpus for
+    training tokenizers and models in tests without shipping data."""
+    rng = random.Random(seed)
+    words, syllables = _WORDS.split(), _SYLLABLES.split()
+    lines: list[str] = []
+    size = 0
+    while size < n_bytes:
+        sentence = []
+        for _ in range(rng.randint(4, 16)):
+            if rng.random() < 0.6:
+                sentence.append(rng.choice(words))
+            else:
+                sentence.append("".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))))
+        if rng.random() < 0.1:
+            sentence.insert(rng.randrange(len(sentence)), str(rng.randint(1500, 1700)))
+        text = " ".join(sentence)
+        text = text[0].upper() + text[1:]
+        opener, closer = rng.choice([("", "."), ("", "."), ("¿", "?"), ("¡", "!"), ("«", "»."), ("", ", dijo.")])
+        line = opener + text + closer
+        lines.append(line)
+        size += len(line.encode()) + 1
+    return "\n".join(lines) + "\n"

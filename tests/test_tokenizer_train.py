@@ -1,5 +1,5 @@
-"""`llamita tokenizer train`: a Llama 2-style SentencePiece BPE tokenizer, trained on the first 300 KB of
-Don Quijote, that sentencepiece, transformers and llamita encode alike, trained with Meta's settings."""
+"""`llamita tokenizer train`: a Llama 2-style SentencePiece BPE tokenizer, trained on 300 KB of
+Spanish prose, that sentencepiece, transformers and llamita encode alike, trained with Meta's settings."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import sentencepiece as spm
 from google.protobuf import text_format
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from helpers import spanish_text
 from llamita import tokenizer_train
 from llamita.cli import main
 from llamita.errors import LlamitaError
 from llamita.tokenizer import load_tokenizer
 from llamita.tokenizer_train import train_tokenizer
 
-QUIJOTE = Path(__file__).resolve().parents[2] / "shared" / "data" / "es_text" / "pg2000.txt"
 META_SPEC = Path(__file__).parent / "data" / "llama2_tokenizer_spec.txt"
 VOCAB = 1500
 FILES = {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
@@ -30,12 +30,9 @@ TEXT = ("En un lugar de la Mancha, de cuyo nombre no quiero acordarme,  no ha mu
 
 
 def corpus(directory: Path) -> Path:
-    """The first ~300 KB of Don Quijote (cut at a line end, so the UTF-8 stays whole)."""
-    if not QUIJOTE.is_file():
-        pytest.skip(f"{QUIJOTE} is not here")
-    data = QUIJOTE.read_bytes()[:300_000]
-    path = directory / "quijote.txt"
-    path.write_bytes(data[: data.rindex(b"\n") + 1])
+    """300 KB of Spanish prose (tests/helpers.py: real and made-up words, accents, years, punctuation)."""
+    path = directory / "espanol.txt"
+    path.write_text(spanish_text(300_000), encoding="utf-8")
     return path
 
 
@@ -89,13 +86,13 @@ def test_load_tokenizer_round_trips(trained: Path):
     tok = load_tokenizer(trained)
     assert (tok.kind, tok.bos_id, tok.eos_id, tok.add_bos, tok.vocab_size) == ("sentencepiece", 1, 2, True, VOCAB)
     assert tok.decode(tok.encode(TEXT)) == TEXT
-    sample = (trained.parent / "quijote.txt").read_text(encoding="utf-8-sig")[20_000:30_000]
+    sample = (trained.parent / "espanol.txt").read_text(encoding="utf-8")[20_000:30_000]
     assert tok.decode(tok.encode(sample)) == sample
 
 
 def test_cli_trains_the_same_tokenizer_and_replaces_it(trained: Path, tmp_path: Path, capsys):
     out = tmp_path / "tok"
-    args = ["tokenizer", "train", str(trained.parent / "quijote.txt"), "--out", str(out)]
+    args = ["tokenizer", "train", str(trained.parent / "espanol.txt"), "--out", str(out)]
     assert main([*args, "--vocab-size", str(VOCAB)]) == 0
     assert capsys.readouterr() == (f"{out}\n", "")  # sentencepiece's log stays quiet
     assert proto(out).pieces == proto(trained).pieces  # the same seed (the specs differ in num_threads)
