@@ -468,16 +468,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from llamita.parallel import launch_hint
+    from llamita import parallel
     from llamita.serve.app import api_keys, serve
+    from llamita.serve.engine import follow
 
-    if args.tp != 1:
-        raise LlamitaError(f"serve --tp {args.tp}: not yet: tensor parallel runs generate and chat "
-                           f"(`{launch_hint(args.tp)}`); serve runs in one process")
     config = EngineConfig(**options_of(args, EngineConfig))  # checked before the model loads
     limits = Connections(**options_of(args, Connections))
     api_keys(args.api_key)  # checked before the model loads too
-    serve(load_llm(args), source=args.model, host=args.host, port=args.port, config=config, limits=limits,
+    start_parallel(args)
+    llm = load_llm(args)
+    if (tp := parallel.active()) and tp.rank:  # under --tp, rank 0 answers HTTP; the others follow its passes
+        follow(llm.model, config, tp)
+        return
+    llm.shard = None  # rank 0 samples alone: its requests draw no seeds to share with the other ranks
+    serve(llm, source=args.model, host=args.host, port=args.port, config=config, limits=limits,
           api_key=args.api_key, parse_special=args.parse_special)
 
 

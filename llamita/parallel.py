@@ -14,6 +14,7 @@ narrower attention layers (their kv heads). gloo on CPU, NCCL on CUDA.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 import random
 from dataclasses import dataclass, replace
@@ -40,7 +41,7 @@ def check_divides(config: Config, tp: int) -> None:
 
 
 def launch_hint(tp: int) -> str:
-    return f"torchrun --nproc-per-node {tp} -m llamita generate|chat ... --tp {tp}"
+    return f"torchrun --nproc-per-node {tp} -m llamita generate|chat|serve ... --tp {tp}"
 
 
 @dataclass
@@ -100,17 +101,28 @@ class TensorParallel:
     def shared(self, compute: Callable[[], Any]) -> Any:
         """``compute()`` on rank 0 (reading stdin, drawing a seed), its value (or its exception) on
         every rank: the others would read different lines of the one stdin, or draw other seeds."""
-        box: list[Any] = [None]
         if self.rank == 0:
             try:
-                box[0] = (True, compute())
+                message = (True, compute())
             except Exception as e:  # EOFError at the end of stdin, an undecodable line...
-                box[0] = (False, e)
-        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
-        ok, value = box[0]
+                message = (False, e)
+            self.send(message)
+        else:
+            message = self.receive()
+        ok, value = message
         if not ok:
             raise value
         return value
+
+    def send(self, message: Any) -> None:
+        """Rank 0: a picklable ``message`` to every other rank (which ``receive`` it)."""
+        dist.broadcast_object_list([message], src=0, device=self.device if self.device.type == "cuda" else None)
+
+    def receive(self) -> Any:
+        """A rank but 0: the next message rank 0 ``send``s (waiting for it as long as it takes)."""
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
 
     def common_seed(self) -> int:
         """A seed that every rank shares, for a request that gave none: all ranks sample the same token."""
@@ -138,7 +150,9 @@ def start(tp: int, device: str | torch.device, config: Config) -> TensorParallel
     if cuda:
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None)
+        # Ranks may wait long for rank 0: a chat waits for its user, a server for requests.
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=dev if cuda else None,
+                                timeout=datetime.timedelta(days=365))
         atexit.register(dist.destroy_process_group)
     _ACTIVE = TensorParallel(dist.get_rank(), dist.get_world_size(), dev)
     return _ACTIVE

@@ -366,14 +366,18 @@ def poll(condition: Callable[[], bool], what: str, tries: int = 600, every: floa
 
 
 @contextmanager
-def running_server(*options: str) -> Iterator[str]:
-    """``llamita serve`` on a free loopback port; its base URL once /health answers."""
+def running_server(*options: str, tp: int = 1) -> Iterator[str]:
+    """``llamita serve`` on a free loopback port (under torchrun with ``--tp`` when ``tp`` > 1); its base
+    URL once /health answers."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    launch = [sys.executable, "-m"]
+    if tp > 1:
+        launch += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(tp), "-m"]
+        options += ("--tp", str(tp))
     with tempfile.TemporaryFile("w+") as log:
         # float32 weights (--quantize none), as the in-process default_llm the replies are compared with
-        proc = subprocess.Popen([sys.executable, "-m", "llamita", "serve", "--port", str(port), "--quantize", "none",
-                                 *options],
+        proc = subprocess.Popen([*launch, "llamita", "serve", "--port", str(port), "--quantize", "none", *options],
                                 stdout=log, stderr=subprocess.STDOUT)
 
         def ready() -> bool:

@@ -9,13 +9,15 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 import llamita
-from helpers import tiny_base, tiny_hf, write_meta_checkpoint
+from helpers import running_server, tiny_base, tiny_hf, write_meta_checkpoint
 from llamita import cli, layout
 from llamita.errors import LlamitaError
 
@@ -200,6 +202,27 @@ def test_tp_other_than_the_number_of_processes(tmp_path, monkeypatch):
         llamita.LLM.load(model, tp=2)
 
 
-def test_serve_tp_is_not_yet(capsys):
-    assert cli.main(["serve", "--tp", "2"]) == 2
-    assert "not yet" in capsys.readouterr().err
+@pytest.mark.slow
+def test_serve_under_torchrun_answers_as_one_process(checkpoints):
+    """Rank 0 answers HTTP and tells rank 1 each pass: concurrent requests (batched), one that reuses
+    a cached prompt, and a chat reply come out as one process decodes them."""
+    model = checkpoints["small"][0]
+    llm = llamita.LLM.load(model, quantize="none")
+    prompts = ["El gato negro", "Once upon a time", "La casa de la colina", "El gato negro"]
+    want = [llm.generate(p, max_new_tokens=12, temperature=0) for p in prompts]
+    messages = [{"role": "user", "content": "Hola, ¿qué tal?"}]
+    want_chat = llm.chat(messages, max_new_tokens=10, temperature=0)
+    with running_server("--model", str(model), tp=2) as url:
+        def complete(prompt: str) -> str:
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+            return httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(complete, prompts[:3]))
+        got.append(complete(prompts[3]))  # its prompt is in the cache now: only the rest runs
+        body = {"messages": messages, "max_tokens": 10, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
+        metrics = httpx.get(f"{url}/metrics").text
+    assert got == want
+    assert reply["choices"][0]["message"]["content"] == want_chat
+    assert "llamita_prompt_tokens_cached_total 0" not in metrics

@@ -29,6 +29,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from llamita import parallel
 from llamita.assets import DEFAULT_MODEL_NAME
 from llamita.errors import LlamitaError
 from llamita.llm import LLM
@@ -110,7 +111,7 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
     request, as a body's ``"parse_special": true`` asks for one; chat messages never do.
     ``engine_options``: EngineConfig's fields, when no ``config`` is given."""
     keys = api_keys(api_key)
-    engine = Engine(llm.model, config or EngineConfig(**engine_options))
+    engine = Engine(llm.model, config or EngineConfig(**engine_options), tp=parallel.active())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

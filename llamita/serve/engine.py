@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from llamita.errors import LlamitaError
 from llamita.generate import Request, decode_step, prefill
 from llamita.model import Llama
 from llamita.options import option
+from llamita.parallel import TensorParallel
 
 
 class QueueFull(Exception):
@@ -160,9 +163,10 @@ class Connections:
 class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
-    def __init__(self, model: Llama, config: EngineConfig | None = None):
+    def __init__(self, model: Llama, config: EngineConfig | None = None, tp: TensorParallel | None = None):
+        """``tp``: under tensor parallel, rank 0's engine tells the other ranks (``follow``) each pass."""
         config = config or EngineConfig()
-        self.model = model
+        self.model, self.tp = model, tp
         self.max_batch = config.max_batch
         self.max_queue = config.max_queue
         self.max_prefill_tokens = config.max_prefill_tokens
@@ -245,7 +249,25 @@ class Engine:
                         self._fail_all(e)
         finally:
             self.cache = None
+            if self.tp:
+                self.tp.send(None)  # the other ranks stop following
             self._fail_all(EngineStopped("the engine stopped"), waiting=True)
+
+    # The passes that write the cache, told first to the other ranks under tensor parallel (``follow``).
+    def _prefill(self, requests: list[Request], rows: torch.Tensor, cached: list[int]) -> torch.Tensor:
+        if self.tp:
+            self.tp.send(("prefill", [(r.prompt_ids, r.scores_prompt) for r in requests], rows.tolist(), cached))
+        return prefill(self.model, self.cache, requests, rows=rows, cached=cached)
+
+    def _decode_step(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        if self.tp:
+            self.tp.send(("decode", tokens, positions))
+        return decode_step(self.model, self.cache, tokens, positions)
+
+    def _copy_prefix(self, source: int, row: int, n: int) -> None:
+        if self.tp:
+            self.tp.send(("copy", source, row, n))
+        self.cache.copy_prefix(source, row, n)
 
     def _next_turn(self) -> bool:
         """Drop cancelled requests; sleep while there is nothing to do; False once stopping."""
@@ -283,7 +305,7 @@ class Engine:
                 if admitted and (len(admitted) + 1) * longest > self.max_prefill_tokens:
                     break
                 if source is not None:
-                    self.cache.copy_prefix(source, row, n)
+                    self._copy_prefix(source, row, n)
                     copied += n
                 free.remove(row)
                 admitted.append((row, self.waiting.popleft()))
@@ -296,7 +318,7 @@ class Engine:
         requests = [job.request for _, job in admitted]
         rows = torch.tensor([row for row, _ in admitted], device=self.cache.device)
         try:
-            logits = prefill(self.model, self.cache, requests, rows=rows, cached=cached)
+            logits = self._prefill(requests, rows, cached)
         except Exception as e:  # the requests prefilled together fail; those already decoding go on
             for row, job in admitted:
                 self._fail(row, job, e)
@@ -329,7 +351,7 @@ class Engine:
         positions = [0] * n
         for row, job in running:
             tokens[row], positions[row] = job.request.output_ids[-1], job.request.position
-        logits = decode_step(self.model, self.cache, tokens, positions)
+        logits = self._decode_step(tokens, positions)
         self.metrics.decode_steps += 1
         self._sample(running, logits[[row for row, _ in running]])
 
@@ -433,3 +455,35 @@ class Engine:
                   f"llamita_time_to_first_token_seconds_sum {m.ttft_sum:.6f}",
                   f"llamita_time_to_first_token_seconds_count {m.ttft_count}"]
         return "\n".join(lines) + "\n"
+
+
+class _Prompt:
+    """What a prefill reads of a request, on a rank that samples nothing (``follow``)."""
+
+    def __init__(self, prompt_ids: list[int], scores_prompt: bool):
+        self.prompt_ids, self.scores_prompt = prompt_ids, scores_prompt
+        self.logprobs = self
+
+    def add_prompt(self, *_) -> None:  # rank 0 keeps the prompt's log-probs
+        pass
+
+
+def follow(model: Llama, config: EngineConfig, tp: TensorParallel) -> None:
+    """A rank but 0 under ``serve --tp``: run each pass rank 0's engine tells, on this rank's slice of
+    the model and of the KV cache, until it stops. Rank 0 answers HTTP and samples; a pass that fails
+    here fails there too (the same inputs), where its requests are answered."""
+    for stop in (signal.SIGTERM, signal.SIGINT):  # rank 0 decides when to stop (a graceful shutdown needs us)
+        signal.signal(stop, signal.SIG_IGN)
+    cache = KVCache(model, config.max_batch, min(config.max_seq_len, model.config.max_seq_len))
+    with torch.inference_mode():
+        while (message := tp.receive()) is not None:
+            kind, *args = message
+            with contextlib.suppress(Exception):
+                if kind == "prefill":
+                    prompts, rows, cached = args
+                    prefill(model, cache, [_Prompt(*p) for p in prompts], rows=torch.tensor(rows, device=cache.device),
+                            cached=cached)
+                elif kind == "decode":
+                    decode_step(model, cache, *args)
+                else:
+                    cache.copy_prefix(*args)
