@@ -460,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "<|im_end|>, become their ids (default: plain text; chat messages: always plain text)")
     add_options(p, EngineConfig)
     add_options(p, Connections)
+    add_options(p, Speculation)  # for a request that runs alone
     add_parallel_args(p)
     p.set_defaults(func=cmd_serve)
 

@@ -286,13 +286,17 @@ def complete(model: Llama, cache: KVCache, requests: list[Request], forward: Cal
 # draft), so the output is distributed as plain sampling's and greedy output is plain greedy output.
 
 
-def extend(model: Llama, cache: KVCache, tokens: list[int], start: int) -> Tensor:
-    """Feed one sequence's ``tokens`` into row 0 of ``cache`` from position ``start``; logits [T, vocab].
+def extend(model: Llama, cache: KVCache, tokens: list[int], start: int, row: int = 0) -> Tensor:
+    """Feed one sequence's ``tokens`` into ``row`` of ``cache`` from position ``start``; logits [T, vocab].
     What the row held past ``start`` (rejected draft tokens) is overwritten, and masked until it is."""
     positions = torch.arange(start, start + len(tokens), device=cache.device)[None]
     length = start + len(tokens)
     ids = torch.tensor([tokens], device=cache.device)
-    return model(ids, positions, mask=causal_mask(positions, length), kv=cache.sequence_step(positions[0], length))[0]
+    if row == 0:
+        kv = cache.sequence_step(positions[0], length)
+    else:
+        kv = cache.step(positions, length, torch.tensor([row], device=cache.device))
+    return model(ids, positions, mask=causal_mask(positions, length), kv=kv)[0]
 
 
 @dataclass
@@ -416,25 +420,33 @@ def speculate(model: Llama, cache: KVCache, request: Request, drafter: Drafter, 
     limits end the text exactly where plain decoding would; the cache needs no roll-back: the next pass
     writes from the first position that was not kept, and the mask hides anything beyond it."""
     stats = stats if stats is not None else SpeculationStats()
-    max_seq_len = model.config.max_seq_len
     with torch.inference_mode():
-        text = request.step(prefill(model, cache, [request], cached=[cached])[0], max_seq_len)
+        text = request.step(prefill(model, cache, [request], cached=[cached])[0], model.config.max_seq_len)
         if text:
             yield text
         while request.finish_reason is None:
-            start = request.position
-            room = min(k, request.params.max_new_tokens - len(request.output_ids) - 1, cache.slots - 1 - start)
-            drafts, qs = drafter.propose(request, room) if room > 0 else ([], None)
-            logits = extend(model, cache, [request.output_ids[-1], *drafts], start)
-            stats.passes += 1
-            stats.drafted += len(drafts)
-            for i in range(len(drafts) + 1):
-                draft = drafts[i] if i < len(drafts) else None  # past the drafts: the bonus token
-                token = request.next_token(logits[i], draft, None if qs is None or draft is None else qs[i])
-                stats.accepted += token == draft
-                stats.tokens += 1
-                text = request.accept(token, max_seq_len)
-                if text:
-                    yield text
-                if request.finish_reason is not None or token != draft:
-                    break
+            yield from speculation_round(model, cache, request, drafter, k, stats)
+
+
+def speculation_round(model: Llama, cache: KVCache, request: Request, drafter: Drafter, k: int,
+                      stats: SpeculationStats, row: int = 0, max_seq_len: int | None = None) -> Iterator[str]:
+    """One pass of the target over the request's last token and up to ``k`` drafted ones (in ``row`` of
+    ``cache``), each kept or replaced by the rejection rule, in order, until one is replaced (the
+    pass's last logits give a bonus token when all are kept); yields the new text."""
+    max_seq_len = max_seq_len or model.config.max_seq_len
+    start = request.position
+    room = min(k, request.params.max_new_tokens - len(request.output_ids) - 1, cache.slots - 1 - start)
+    drafts, qs = drafter.propose(request, room) if room > 0 else ([], None)
+    logits = extend(model, cache, [request.output_ids[-1], *drafts], start, row)
+    stats.passes += 1
+    stats.drafted += len(drafts)
+    for i in range(len(drafts) + 1):
+        draft = drafts[i] if i < len(drafts) else None  # past the drafts: the bonus token
+        token = request.next_token(logits[i], draft, None if qs is None or draft is None else qs[i])
+        stats.accepted += token == draft
+        stats.tokens += 1
+        text = request.accept(token, max_seq_len)
+        if text:
+            yield text
+        if request.finish_reason is not None or token != draft:
+            break

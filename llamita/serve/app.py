@@ -111,7 +111,8 @@ def create_app(llm: LLM, *, model_name: str = DEFAULT_MODEL_NAME, config: Engine
     request, as a body's ``"parse_special": true`` asks for one; chat messages never do.
     ``engine_options``: EngineConfig's fields, when no ``config`` is given."""
     keys = api_keys(api_key)
-    engine = Engine(llm.model, config or EngineConfig(**engine_options), tp=parallel.active())
+    engine = Engine(llm.model, config or EngineConfig(**engine_options), tp=parallel.active(), drafter=llm.drafter,
+                    draft_tokens=llm.draft_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -31,7 +31,7 @@ import torch
 
 from llamita.cache import KVCache, common_prefix
 from llamita.errors import LlamitaError
-from llamita.generate import Request, decode_step, prefill
+from llamita.generate import Drafter, Request, SpeculationStats, decode_step, prefill, speculation_round
 from llamita.model import Llama
 from llamita.options import option
 from llamita.parallel import TensorParallel
@@ -163,10 +163,14 @@ class Connections:
 class Engine:
     """A fixed pool of ``max_batch`` KV-cache rows of ``max_seq_len`` tokens, and the thread that fills them."""
 
-    def __init__(self, model: Llama, config: EngineConfig | None = None, tp: TensorParallel | None = None):
-        """``tp``: under tensor parallel, rank 0's engine tells the other ranks (``follow``) each pass."""
+    def __init__(self, model: Llama, config: EngineConfig | None = None, tp: TensorParallel | None = None,
+                 drafter: Drafter | None = None, draft_tokens: int = 4):
+        """``tp``: under tensor parallel, rank 0's engine tells the other ranks (``follow``) each pass.
+        ``drafter``: a request running alone decodes speculatively, ``draft_tokens`` a pass."""
         config = config or EngineConfig()
         self.model, self.tp = model, tp
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.speculation = SpeculationStats()
         self.max_batch = config.max_batch
         self.max_queue = config.max_queue
         self.max_prefill_tokens = config.max_prefill_tokens
@@ -347,6 +351,9 @@ class Engine:
         as it was (slicing the cache beats gathering)."""
         n = max(row for row, job in enumerate(self.rows) if job is not None) + 1
         running = [(row, job) for row, job in enumerate(self.rows[:n]) if job is not None]
+        if self.drafter is not None and self.tp is None and len(running) == 1 and not self.waiting:
+            self._speculate(*running[0])
+            return
         tokens = [held[0] if held else 0 for held in self.cache.held[:n]]
         positions = [0] * n
         for row, job in running:
@@ -354,6 +361,24 @@ class Engine:
         logits = self._decode_step(tokens, positions)
         self.metrics.decode_steps += 1
         self._sample(running, logits[[row for row, _ in running]])
+
+    def _speculate(self, row: int, job: Job) -> None:
+        """A request alone: one pass of the model checks the draft's tokens (``speculation_round``);
+        a batch decodes a token a row instead, which already reads each weight once for all of them."""
+        r, before = job.request, self.speculation.tokens
+        try:
+            text = "".join(speculation_round(self.model, self.cache, r, self.drafter, self.draft_tokens,
+                                             self.speculation, row, self.max_seq_len))
+        except Exception as e:
+            self._fail(row, job, e)
+            return
+        self.metrics.decode_steps += 1
+        self.metrics.generated_tokens += self.speculation.tokens - before
+        if text or r.finish_reason:
+            job.stream.push(Event(job.index, text, r.finish_reason))
+        if r.finish_reason:
+            with self._wake:
+                self._finish(row, r.finish_reason)
 
     def _sample(self, jobs: list[tuple[int, Job]], logits: torch.Tensor) -> None:
         """Each request picks its next token from its row of ``logits``; text goes to its stream.
@@ -440,6 +465,13 @@ class Engine:
             ("generated_tokens_total", "counter", m.generated_tokens, "Tokens sampled."),
             ("decode_steps_total", "counter", m.decode_steps, "Decoding forward passes (one per step, whole batch)."),
             ("prefills_total", "counter", m.prefills, "Prefill forward passes."),
+            ("speculative_passes_total", "counter", self.speculation.passes,
+             "Decoding passes that checked drafted tokens (a request running alone, with --draft or --lookup)."),
+            ("speculative_drafted_tokens_total", "counter", self.speculation.drafted, "Tokens the draft proposed."),
+            ("speculative_accepted_tokens_total", "counter", self.speculation.accepted,
+             "Drafted tokens the model kept (the rejection rule: the output is as without a draft)."),
+            ("speculative_tokens_per_pass", "gauge", round(self.speculation.tokens_per_pass, 6),
+             "Tokens each speculative pass produced (kept drafts, and the model's own token after them)."),
             ("queue_length", "gauge", len(self.waiting), "Requests waiting for a cache row."),
             ("running_requests", "gauge", self.running, "Requests in cache rows."),
             ("batch_slots", "gauge", self.max_batch, "KV-cache rows."),
