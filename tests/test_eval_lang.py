@@ -8,6 +8,7 @@ import json
 import pytest
 
 from helpers import ScriptedLLM, run_cli
+from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.eval.lang import conversation, detect_language, loop_coverage, loops, read_prompts, run
 
@@ -161,11 +162,10 @@ def test_cli_measures_the_default_model(tmp_path):
     assert result["settings"]["temperature"] == 0 and result["settings"]["max_new_tokens"] == 8
 
 
-@pytest.mark.slow
-def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path):
+def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    """The CLI in process: the data is read and refused before any model loads."""
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Hola"}) + "\n" + json.dumps({"question": "¿Qué?"}) + "\n")
-    r = run_cli("eval", "lang", str(data))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == \
-        f"llamita: error: {data}:2: missing field 'instruction' (or 'prompt', 'messages', 'conversations')"
+    assert cli.main(["eval", "lang", str(data)]) == 2
+    assert capsys.readouterr().err == \
+        f"llamita: error: {data}:2: missing field 'instruction' (or 'prompt', 'messages', 'conversations')\n"

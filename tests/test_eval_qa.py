@@ -9,6 +9,7 @@ import re
 import pytest
 
 from helpers import ScriptedLLM, run_cli
+from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.eval.qa import answer_of, exact_match, f1, normalize_answer, read_questions, run
 
@@ -190,12 +191,11 @@ def test_cli_scores_the_default_model(tmp_path):
     assert len(result["examples"]) == 2 and "| exact_match |" in r.stdout
 
 
-@pytest.mark.slow
-def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path):
+def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    """The CLI in process: the data is read and refused before any model loads."""
     data = write_jsonl(tmp_path / "d.jsonl", [QUESTIONS[0], {"question": "q", "answers": ["a"]}])
-    r = run_cli("eval", "qa", str(data))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"llamita: error: {data}:2: missing field 'context'"
+    assert cli.main(["eval", "qa", str(data)]) == 2
+    assert capsys.readouterr().err == f"llamita: error: {data}:2: missing field 'context'\n"
 
 
 @pytest.mark.slow
