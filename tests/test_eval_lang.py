@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import ScriptedLLM, run_cli
+from helpers import ScriptedLLM
 from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.eval.lang import conversation, detect_language, loop_coverage, loops, read_prompts, run
@@ -154,8 +154,9 @@ def test_cli_measures_the_default_model(tmp_path):
     data.write_text(json.dumps({"instruction": "¿Cuál es la capital de España?"}) + "\n"
                     + json.dumps({"prompt": "Nombra un color."}) + "\n")
     out = tmp_path / "lang.json"
-    r = run_cli("eval", "lang", str(data), "--lang", "es", "--max-new-tokens", "8", "--json", str(out))
-    assert r.returncode == 0, r.stderr
+    # in process: the CLI's own load of the default model (`python -m llamita eval` is
+    # test_eval_perplexity.py's test_cli_writes_json)
+    assert cli.main(["eval", "lang", str(data), "--lang", "es", "--max-new-tokens", "8", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 <= result["lang_share"] <= 1 and 0 <= result["loop_rate"] <= 1 and result["n"] == 2
     assert sum(result["lang_counts"].values()) == 2 and len(result["examples"]) == 2
