@@ -8,6 +8,8 @@ tokens, and llama.cpp's converter (convert_legacy_llama.py) writes the same Meta
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -112,20 +114,9 @@ def tiny(tmp_path_factory):
 BLOCK = {"Q8_0": (1 / 127, 127, 0.5), "Q4_0": (1 / 8, 8, 1.0)}
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
-def test_hf_checkpoint_to_gguf(tiny, tmp_path, kind):
-    path, reference = tiny
-    out = tmp_path / "model.gguf"
-    out.write_bytes(b"an older file, replaced whole")
-    assert llamita.convert(path, out, type=kind) == out
-    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left beside it
-    reader = gguf.GGUFReader(out)
-    tensors = check_tensors(reader, reference, kind)
-    check_metadata(reader, reference.config)
-    assert {tensors[n].tensor_type.name for n in ("blk.0.ffn_down.weight", "output.weight")} == \
-        {"F16", {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q8_0"}[kind]}  # 88-wide rows stay F16
-
-    theirs = load_gguf(out)  # transformers dequantizes and puts q/k rows back in its own order
+def check_weights(tensors: dict[str, gguf.ReaderTensor], theirs: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """transformers' load of the written file against the reference's weights: F32 exact, F16 to its
+    rounding, quantized blocks within the bounds above (and really quantized)."""
     ours_state, state = theirs.state_dict(), reference.state_dict()
     for name, t in tensors.items():
         want, got = state[hf_name(name)], ours_state[hf_name(name)]
@@ -140,6 +131,23 @@ def test_hf_checkpoint_to_gguf(tiny, tmp_path, kind):
             bound = d * (rounding + code * 2**-11) * 1.001 + 1e-7
             assert ((got.reshape(blocks.shape) - blocks).abs() <= bound).all(), name
             assert not torch.equal(got, want)  # really quantized
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+def test_hf_checkpoint_to_gguf(tiny, tmp_path, kind):
+    path, reference = tiny
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"an older file, replaced whole")
+    assert llamita.convert(path, out, type=kind) == out
+    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]  # no temporary file left beside it
+    reader = gguf.GGUFReader(out)
+    tensors = check_tensors(reader, reference, kind)
+    check_metadata(reader, reference.config)
+    assert {tensors[n].tensor_type.name for n in ("blk.0.ffn_down.weight", "output.weight")} == \
+        {"F16", {"f16": "F16", "q8_0": "Q8_0", "q4_0": "Q8_0"}[kind]}  # 88-wide rows stay F16
+
+    theirs = load_gguf(out)  # transformers dequantizes and puts q/k rows back in its own order
+    check_weights(tensors, theirs, reference)
 
     ids = torch.randint(0, reference.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
     expected, got = logits(reference, ids), logits(theirs, ids)
@@ -234,11 +242,47 @@ def test_meta_checkpoint_matches_llama_cpp_converter(llama_vocab, tmp_path, kind
 
 # -- the default model (SmolLM2, tied embeddings, byte-level BPE) -------------------------------------
 
-@pytest.mark.slow  # q8_0 is checked byte for byte against llama.cpp's converter (the Meta test above)
-@pytest.mark.parametrize("kind", ["f16", "q4_0"])
-def test_default_model_to_gguf(default_gguf, hf_default_model, hf_smol, tmp_path, kind):
-    out = tmp_path / f"smol-{kind}.gguf"
-    llamita.convert(default_gguf, out, type=kind)
+@pytest.fixture(scope="module")
+def smol_f16(tmp_path_factory):
+    """``llamita convert smollm2-135m-instruct OUT.gguf`` (the default type, f16) through the CLI in
+    process, once for the module: the file and what the command wrote on stderr."""
+    out = tmp_path_factory.mktemp("smol") / "smol.gguf"
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["convert", "smollm2-135m-instruct", str(out)])
+    assert code == 0, err.getvalue()
+    return out, err.getvalue()
+
+
+def test_tied_gguf_to_q4_0(tmp_path):
+    """A GGUF source with tied embeddings (a tiny one: f16, written from tiny_base with the embedding
+    tied) to q4_0, as the default model is: the embedding, which is also the output layer, stored
+    Q8_0; transformers' load of the result against its load of the source, weight by weight and in
+    logits. (The default model's own path, its Q4_1 source and vocabulary, is test_default_model_to_gguf's.)"""
+    hf = tiny_base(tmp_path / "hf", seed=3, tie_word_embeddings=True)
+    source = llamita.convert(hf, tmp_path / "source.gguf", type="f16")
+    assert "output.weight" not in {t.name for t in gguf.GGUFReader(source).tensors}  # tied in the source too
+    reference = load_gguf(source)
+    assert reference.config.tie_word_embeddings
+    out = llamita.convert(source, tmp_path / "out.gguf", type="q4_0", dtype=torch.float32)  # as the default model loads
+    reader = gguf.GGUFReader(out)
+    tensors = check_tensors(reader, reference, "q4_0")
+    check_metadata(reader, reference.config)
+    assert tensors["token_embd.weight"].tensor_type.name == "Q8_0" and "output.weight" not in tensors
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q4_0"
+    theirs = load_gguf(out)
+    check_weights(tensors, theirs, reference)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(4))
+    expected, got = logits(reference, ids), logits(theirs, ids)
+    assert expected.abs().max() > 2
+    assert (got - expected).abs().max().item() < 0.5 * expected.abs().max().item()
+
+
+@pytest.mark.slow  # q8_0 is checked byte for byte against llama.cpp's converter (the Meta test above);
+# q4_0 of a tied GGUF source by test_tied_gguf_to_q4_0
+@pytest.mark.parametrize("kind", ["f16"])
+def test_default_model_to_gguf(hf_default_model, hf_smol, smol_f16, kind):
+    out, _ = smol_f16  # the CLI's default type: the file test_cli_round_trip reads back too
     reader = gguf.GGUFReader(out)
     check_tensors(reader, hf_default_model, kind)
     check_metadata(reader, hf_default_model.config)
@@ -279,15 +323,15 @@ def test_merged_checkpoint_gets_back_the_gguf_vocabulary(default_gguf, tmp_path)
 
 
 @pytest.mark.slow
-def test_cli_round_trip(default_gguf, hf_default_model, hf_smol, tmp_path):
-    """``llamita convert`` to GGUF f16, then that file to a Hugging Face directory: transformers loads
-    it with the source's logits (to float16's rounding) and tokenizer."""
-    out = tmp_path / "smol.gguf"
-    result = run_cli("convert", "smollm2-135m-instruct", str(out))
-    assert result.returncode == 0, result.stderr
-    assert str(out) in result.stderr
+def test_cli_round_trip(smol_f16, hf_default_model, hf_smol, tmp_path):
+    """``llamita convert`` to GGUF f16 (the module's file, written by the CLI in process), then that
+    file to a Hugging Face directory by ``python -m llamita convert``: transformers loads it with the
+    source's logits (to float16's rounding) and tokenizer."""
+    out, stderr = smol_f16
+    assert str(out) in stderr
     result = run_cli("convert", str(out), str(tmp_path / "hf"), "--dtype", "float32")
     assert result.returncode == 0, result.stderr
+    assert str(tmp_path / "hf") in result.stderr
     model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.tensor([hf_smol(TEXT)["input_ids"]])
     expected = logits(hf_default_model, ids)

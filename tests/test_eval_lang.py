@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from helpers import ScriptedLLM, run_cli
+from helpers import ScriptedLLM
+from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.eval.lang import conversation, detect_language, loop_coverage, loops, read_prompts, run
 
@@ -153,19 +154,19 @@ def test_cli_measures_the_default_model(tmp_path):
     data.write_text(json.dumps({"instruction": "¿Cuál es la capital de España?"}) + "\n"
                     + json.dumps({"prompt": "Nombra un color."}) + "\n")
     out = tmp_path / "lang.json"
-    r = run_cli("eval", "lang", str(data), "--lang", "es", "--max-new-tokens", "8", "--json", str(out))
-    assert r.returncode == 0, r.stderr
+    # in process: the CLI's own load of the default model (`python -m llamita eval` is
+    # test_eval_perplexity.py's test_cli_writes_json)
+    assert cli.main(["eval", "lang", str(data), "--lang", "es", "--max-new-tokens", "8", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 <= result["lang_share"] <= 1 and 0 <= result["loop_rate"] <= 1 and result["n"] == 2
     assert sum(result["lang_counts"].values()) == 2 and len(result["examples"]) == 2
     assert result["settings"]["temperature"] == 0 and result["settings"]["max_new_tokens"] == 8
 
 
-@pytest.mark.slow
-def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path):
+def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    """The CLI in process: the data is read and refused before any model loads."""
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "Hola"}) + "\n" + json.dumps({"question": "¿Qué?"}) + "\n")
-    r = run_cli("eval", "lang", str(data))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == \
-        f"llamita: error: {data}:2: missing field 'instruction' (or 'prompt', 'messages', 'conversations')"
+    assert cli.main(["eval", "lang", str(data)]) == 2
+    assert capsys.readouterr().err == \
+        f"llamita: error: {data}:2: missing field 'instruction' (or 'prompt', 'messages', 'conversations')\n"

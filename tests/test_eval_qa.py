@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from helpers import ScriptedLLM, run_cli
+from helpers import ScriptedLLM
+from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.eval.qa import answer_of, exact_match, f1, normalize_answer, read_questions, run
 
@@ -178,24 +179,24 @@ def test_limit_takes_the_first_questions(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_scores_the_default_model(tmp_path):
+def test_cli_scores_the_default_model(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", QUESTIONS[:2])
     out = tmp_path / "qa.json"
-    r = run_cli("eval", "qa", str(data), "--lang", "es", "--max-new-tokens", "4", "--json", str(out))
-    assert r.returncode == 0, r.stderr
+    # in process: the CLI's own load of the default model (`python -m llamita eval` is
+    # test_eval_perplexity.py's test_cli_writes_json)
+    assert cli.main(["eval", "qa", str(data), "--lang", "es", "--max-new-tokens", "4", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert 0 <= result["exact_match"] <= 100 and 0 <= result["f1"] <= 100 and result["n"] == 2
     assert result["exact_match"] <= result["f1"]  # an exact match has F1 1
     assert result["settings"]["lang"] == "es" and result["settings"]["template"]
-    assert len(result["examples"]) == 2 and "| exact_match |" in r.stdout
+    assert len(result["examples"]) == 2 and "| exact_match |" in capsys.readouterr().out
 
 
-@pytest.mark.slow
-def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path):
+def test_cli_bad_record_is_one_line_naming_file_line_and_field(tmp_path, capsys):
+    """The CLI in process: the data is read and refused before any model loads."""
     data = write_jsonl(tmp_path / "d.jsonl", [QUESTIONS[0], {"question": "q", "answers": ["a"]}])
-    r = run_cli("eval", "qa", str(data))
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"llamita: error: {data}:2: missing field 'context'"
+    assert cli.main(["eval", "qa", str(data)]) == 2
+    assert capsys.readouterr().err == f"llamita: error: {data}:2: missing field 'context'\n"
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import pytest
 
 import llamita
 from helpers import tiny_base, write_data
+from llamita import cli
 from llamita.data import IGNORE, encode_record
 from llamita.formats.export import merge
 from llamita.llm import LLM
@@ -38,14 +39,16 @@ def test_chat_with_the_adapter_uses_its_training_template(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_chat_with_the_adapter_answers_each_line(trained):
-    """Alpaca is single-turn: piped lines are answered one by one, none refused."""
+def test_cli_chat_with_the_adapter_answers_each_line(trained, capsys):
+    """Alpaca is single-turn: piped lines are answered one by one (``python -m llamita chat``), and a
+    system prompt is refused (in process: refused once the model loads, before stdin is read)."""
     base, _, adapter = trained
     out = subprocess.run([sys.executable, "-m", "llamita", "chat", "--model", str(base), "--adapter", str(adapter),
                           "--temperature", "0", "--max-new-tokens", "4"], input="repite gato\nrepite casa\n",
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert len(out.stdout.splitlines()) == 2
-    refused = subprocess.run([sys.executable, "-m", "llamita", "chat", "--model", str(base), "--adapter", str(adapter),
-                              "--system", "Be brief."], input="hola\n", capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "no system prompt" in refused.stderr and "Traceback" not in refused.stderr
+    assert cli.main(["chat", "--model", str(base), "--adapter", str(adapter), "--system", "Be brief."]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("llamita: error:") and "no system prompt" in err \
+        and "Traceback" not in err

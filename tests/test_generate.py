@@ -176,11 +176,14 @@ def test_cli_generate(default_llm):
 
 
 @pytest.mark.slow
-def test_cli_chat_piped(default_llm):
-    out = run_cli("chat", "--quantize", "none", "--temperature", "0", "--max-new-tokens", "16",
-                  "--system", "You are brief.", stdin="What is the capital of France?\nAnd of Spain?\n")
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+def test_cli_chat_piped(default_llm, monkeypatch, capsys):
+    """``chat`` in process, its stdin piped text (``python -m llamita chat`` is test_finetune_then_chat.py's)."""
+    from llamita import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is the capital of France?\nAnd of Spain?\n"))
+    assert cli.main(["chat", "--quantize", "none", "--temperature", "0", "--max-new-tokens", "16",
+                     "--system", "You are brief."]) == 0
+    lines = capsys.readouterr().out.splitlines()
     system = {"role": "system", "content": "You are brief."}
     first = default_llm.chat([system, {"role": "user", "content": "What is the capital of France?"}],
                              temperature=0, max_new_tokens=16)

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import run_cli
-from llamita import LlamitaError, kernels
+from llamita import LlamitaError, cli, kernels
 from llamita.cache import KVCache
 from llamita.config import Config
 from llamita.formats import interleaved_to_half, load_model
@@ -395,10 +394,14 @@ def test_float16_refuses_what_it_cannot_do(default_gguf):
 
 
 @pytest.mark.slow
-def test_cli_quantize_float16(float16_llm):
-    out = run_cli("generate", "The capital of France is", "--quantize", "float16", "--temperature", "0",
-                  "--max-new-tokens", "12")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout == float16_llm.generate("The capital of France is", temperature=0, max_new_tokens=12) + "\n"
-    out = run_cli("generate", "Hi", "--quantize", "float16", "--compile")
-    assert out.returncode != 0 and "--compile cannot trace float16" in out.stderr and "Traceback" not in out.stderr
+def test_cli_quantize_float16(float16_llm, capsys):
+    """``generate --quantize float16`` through the CLI in process (its own load of the model; the
+    process itself is test_generate.py's test_cli_generate): the fixture's text, and --compile refused."""
+    assert cli.main(["generate", "The capital of France is", "--quantize", "float16", "--temperature", "0",
+                     "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    assert out == float16_llm.generate("The capital of France is", temperature=0, max_new_tokens=12) + "\n"
+    assert cli.main(["generate", "Hi", "--quantize", "float16", "--compile"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("llamita: error: --compile cannot trace float16") and \
+        "Traceback" not in err
