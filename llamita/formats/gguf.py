@@ -81,7 +81,33 @@ class _Reader(gguf.GGUFReader):
                 limit = "the file holds" if items > left else "any model needs"
                 raise LlamitaError(f"{self.path}: not a readable GGUF file: an array at byte {orig_offs} declares "
                                    f"{items} items, more than {limit}")
+            item_type = gguf.GGUFValueType(int(self._get(orig_offs, np.uint32)[0]))
+            if item_type == gguf.GGUFValueType.STRING:
+                return self._strings(orig_offs, items)
+            if (scalar := self.gguf_scalar_to_np.get(item_type)) is not None:  # one view for all the values
+                values = self._get(orig_offs + 12, scalar, items)
+                head = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+                return 12 + int(values.nbytes), [*head, values], [2], [gguf.GGUFValueType.ARRAY, item_type]
         return super()._get_field_parts(orig_offs, raw_type)
+
+    def _strings(self, orig_offs: int, items: int) -> tuple:
+        """An array of strings as the reader gives it (a length and a bytes part per string), read in one
+        pass over the buffer: the reader's own way takes seconds for a 50k-token vocabulary."""
+        data = self.data.view(np.ndarray)  # slicing a memmap costs microseconds in Python; a plain view, not
+        buffer = memoryview(data)
+        parts: list[np.ndarray] = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+        offs = orig_offs + 12
+        for _ in range(items):
+            if offs + 8 > len(data):
+                raise LlamitaError(f"{self.path}: not a readable GGUF file: a string at byte {offs} runs past the end")
+            n = int.from_bytes(buffer[offs: offs + 8], "little")
+            if offs + 8 + n > len(data):
+                raise LlamitaError(f"{self.path}: not a readable GGUF file: a string of {n} bytes at byte {offs} runs "
+                                   "past the end of the file")
+            parts += (data[offs: offs + 8].view(np.uint64), data[offs + 8: offs + 8 + n])
+            offs += 8 + n
+        return offs - orig_offs, parts, list(range(3, len(parts), 2)), [gguf.GGUFValueType.ARRAY,
+                                                                          gguf.GGUFValueType.STRING]
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
