@@ -105,14 +105,16 @@ PRESETS: dict[str, Config] = {}
 for _size, _cfg in _LLAMA_2.items():
     PRESETS[f"llama-2-{_size}"] = _cfg
     PRESETS[f"llama-2-{_size}-chat"] = _cfg
-# Small shapes for training from scratch: llama2.c's TinyStories models (Karpathy, 2023), by parameter count.
-# Their vocabulary is whatever tokenizer they are trained with (``llamita pretrain`` sets it).
+# Small shapes for training from scratch: llama2.c's TinyStories models (Karpathy, 2023), by parameter count
+# (with its 32,000-piece vocabulary; the embedding and the output layer are one matrix, as there). Their
+# vocabulary is whatever tokenizer they are trained with (``llamita pretrain`` sets it).
+_TINY = {"multiple_of": 32, "tie_embeddings": True}
 PRESETS.update({
     "llama2c-260k": Config(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, multiple_of=4,
-                           max_seq_len=512),
-    "llama2c-15m": Config(dim=288, n_layers=6, n_heads=6, multiple_of=32, max_seq_len=256),
-    "llama2c-42m": Config(dim=512, n_layers=8, n_heads=8, multiple_of=32, max_seq_len=1024),
-    "llama2c-110m": Config(dim=768, n_layers=12, n_heads=12, multiple_of=32, max_seq_len=1024),
+                           max_seq_len=512, tie_embeddings=True),
+    "llama2c-15m": Config(dim=288, n_layers=6, n_heads=6, max_seq_len=256, **_TINY),
+    "llama2c-42m": Config(dim=512, n_layers=8, n_heads=8, max_seq_len=1024, **_TINY),
+    "llama2c-110m": Config(dim=768, n_layers=12, n_heads=12, max_seq_len=1024, **_TINY),
 })
 
 
