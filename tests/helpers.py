@@ -11,6 +11,7 @@ import os
 import random
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -246,6 +247,34 @@ def alpaca_records(n: int = 12) -> list[dict]:
 def write_data(path: Path, n: int = 12) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in alpaca_records(n)))
     return path
+
+
+def kill_at_first_checkpoint(args: list[str], out: Path, env: dict, step: int = 5) -> None:
+    """Start a training run (``args`` + ``--out out``) and SIGKILL it once its step-``step`` checkpoint is
+    on disk, before it ends."""
+    proc = subprocess.Popen(args + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        first = out / "checkpoints" / f"step-{step}"
+        deadline = time.monotonic() + 120
+        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)  # polling a file the other process writes; nothing waits on time itself
+        assert first.is_dir() and proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def two_processes_and_one(common: list[str], out: Path, env: dict) -> tuple[list[float], list[float]]:
+    """The same run (``common``: a llamita command and its options) by 2 processes under torchrun with
+    --batch-size 2 each (into out/ddp), and by one with --batch-size 4 (out/one): their losses."""
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "llamita", *common, "--batch-size", "2", "--out", str(out / "ddp")],
+                   env=env, check=True, capture_output=True)
+    from llamita import cli
+
+    assert cli.main([*common, "--batch-size", "4", "--out", str(out / "one")]) == 0
+    return losses(out / "ddp"), losses(out / "one")
 
 
 def losses(out: Path) -> list[float]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import llamita
-from helpers import losses, spanish_text
+from helpers import kill_at_first_checkpoint, losses, spanish_text, two_processes_and_one
 from llamita import cli
 from llamita.shards import tokenize_corpus
 from llamita.tokenizer_train import train_tokenizer
@@ -144,17 +142,7 @@ def test_resume_after_sigkill_equals_uninterrupted(config, corpus, tok, tmp_path
             "--save-every", "5", "--lr", "3e-3", "--no-progress"]
     subprocess.run(args + ["--out", str(tmp_path / "whole")], env=ENV, check=True, capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(args + ["--out", str(cut)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        first = cut / "checkpoints" / "step-5"
-        deadline = time.monotonic() + 120
-        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)  # polling a file the other process writes; nothing waits on time itself
-        assert first.is_dir() and proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_at_first_checkpoint(args, cut, ENV)
     assert not (cut / "model").exists()
     subprocess.run(args + ["--out", str(cut), "--resume"], env=ENV, check=True, capture_output=True)
     assert losses(cut) == losses(tmp_path / "whole")  # exactly, step by step
@@ -168,11 +156,7 @@ def test_torchrun_two_processes_equal_one_with_the_same_global_batch(config, cor
     assert cli.main(["tokenizer", "encode", str(corpus), "--tokenizer", str(tok), "--out", str(tokens)]) == 0
     common = ["pretrain", "--config", str(config), "--data", str(tokens), "--tokenizer", str(tok), "--steps", "3",
               "--seq-len", "32", "--batch-tokens", "256", "--lr", "3e-3", "--no-progress"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "llamita", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
-                   env=ENV, check=True, capture_output=True)
-    assert cli.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
-    two, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    two, one = two_processes_and_one(common, tmp_path, ENV)
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
     a, b = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("ddp", "one"))
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)

@@ -8,11 +8,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import llamita
-from helpers import FAST, losses, tiny_base, write_data
+from helpers import FAST, kill_at_first_checkpoint, losses, tiny_base, two_processes_and_one, write_data
 from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write
@@ -102,17 +100,7 @@ def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
     subprocess.run(args + ["--out", str(tmp_path / "whole")], env=ENV, check=True, capture_output=True)
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(args + ["--out", str(cut)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        first = cut / "checkpoints" / "step-5"
-        deadline = time.monotonic() + 120
-        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)  # polling a file the other process writes; nothing waits on time itself
-        assert first.is_dir() and proc.poll() is None, "the run ended before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_at_first_checkpoint(args, cut, ENV)
     assert not (cut / "adapter").exists()
     killed_at = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step-*"))
     assert killed_at < 60
@@ -130,11 +118,7 @@ def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
 def test_torchrun_two_processes_equal_one_with_twice_the_batch(base, data, tmp_path):
     common = ["finetune", str(base), "--data", str(data), "--steps", "3", "--lr", "1e-2", "--warmup", "1",
               "--lora-dropout", "0", "--lora-targets", "all", "--no-progress"]
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "llamita", *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
-                   env=ENV, check=True, capture_output=True)
-    assert cli.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")]) == 0
-    two, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    two, one = two_processes_and_one(common, tmp_path, ENV)
     assert len(two) == 3 and two == pytest.approx(one, abs=1e-5)
     a = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
