@@ -646,9 +646,9 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text().splitlines() if line] if file.is_file() else []
 
 
-def plot_loss(out: Path) -> None:
-    """``loss.png``: train loss per step and eval loss, from metrics.jsonl; for DPO a second panel
-    with the reward margin and accuracy."""
+def plot_loss(out: Path, unit: str = "response token") -> None:
+    """``loss.png``: train loss per step and eval loss (nats per ``unit``), from metrics.jsonl; for DPO a
+    second panel with the reward margin and accuracy."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -663,7 +663,7 @@ def plot_loss(out: Path) -> None:
         extra = [("rewards/margins", "rewards/margins", "-"), ("rewards/accuracies", "rewards/accuracies", "-"),
                  ("eval_rewards/accuracies", "eval rewards/accuracies", "o-")]
         plot_series(axes[0][1], rows, extra, "DPO rewards (beta x log-ratio to the reference)")
-    plot_series(ax, rows, series, "DPO loss (per pair)" if dpo else "loss (nats per response token)")
+    plot_series(ax, rows, series, "DPO loss (per pair)" if dpo else f"loss (nats per {unit})")
     fig.tight_layout()
     atomic_write(out / "loss.png", lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
@@ -986,7 +986,7 @@ def finish(run: Run) -> Path:
                 copy_tokenizer_files(Path(run.source), result)
             else:
                 write_tokenizer(run.source, result)
-        plot_loss(run.out)
+        plot_loss(run.out, "token" if cfg.objective == "pretrain" else "response token")
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
