@@ -198,7 +198,8 @@ def prepare(config: str | Path | Config, data: list[str | Path], tokenizer: Path
     warn_step_size(per_step, len(train_windows), d.main)
     run = start_run(cfg, tokenizer, out, d, net, None, train_windows,
                     Dataset(val_windows) if val_windows is not None else None, per_step, total, resumed, identity)
-    run.flops_per_token, run.peak_flops = flops_per_token(c, seq_len), peak_flops(d.device, run.amp)
+    # tokens/s counts every process's tokens: MFU is over all of their devices
+    run.flops_per_token, run.peak_flops = flops_per_token(c, seq_len), peak_flops(d.device, run.amp) * d.world
     return run
 
 

@@ -705,7 +705,7 @@ class Run:
     sharded: bool
     identity: dict  # what the run is (``run_identity``), recorded in train_config.json and each checkpoint
     flops_per_token: float = 0.0  # training FLOPs a token costs (pretraining reports MFU with it)
-    peak_flops: float = 0.0  # the device's rate those FLOPs are measured against
+    peak_flops: float = 0.0  # the devices' rate those FLOPs are measured against (all processes')
 
 
 def prepare(source: str | Path | None, data: str | Path, out: Path, cfg: TrainConfig) -> Run:
