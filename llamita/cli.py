@@ -478,10 +478,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     api_keys(args.api_key)  # checked before the model loads too
     start_parallel(args)
     llm = load_llm(args)
-    if (tp := parallel.active()) and tp.rank:  # under --tp, rank 0 answers HTTP; the others follow its passes
-        follow(llm.model, config, tp)
-        return
-    llm.shard = None  # rank 0 samples alone: its requests draw no seeds to share with the other ranks
+    if tp := parallel.active():
+        if tp.rank:  # under --tp, rank 0 answers HTTP; the others follow its passes
+            follow(llm.model, config, tp)
+            return
+        llm.shard = None  # rank 0 samples alone: its requests draw no seeds to share with the other ranks
     serve(llm, source=args.model, host=args.host, port=args.port, config=config, limits=limits,
           api_key=args.api_key, parse_special=args.parse_special)
 

@@ -249,6 +249,19 @@ def write_data(path: Path, n: int = 12) -> Path:
     return path
 
 
+def run_in_process_like(args: list[str], out: Path) -> None:
+    """``args`` (``python -m llamita ...``, as the subprocesses run under OMP_NUM_THREADS=1) run in this
+    process on one thread, so that its numbers are the subprocesses' bit for bit, without a start."""
+    from llamita import cli
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main([*args[3:], "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def kill_at_first_checkpoint(args: list[str], out: Path, env: dict, step: int = 5) -> None:
     """Start a training run (``args`` + ``--out out``) and SIGKILL it once its step-``step`` checkpoint is
     on disk, before it ends."""

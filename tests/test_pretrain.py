@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 import llamita
-from helpers import kill_at_first_checkpoint, losses, spanish_text, two_processes_and_one
+from helpers import kill_at_first_checkpoint, losses, run_in_process_like, spanish_text, two_processes_and_one
 from llamita import cli
 from llamita.shards import tokenize_corpus
 from llamita.tokenizer_train import train_tokenizer
@@ -138,9 +138,9 @@ def test_init_follows_llama2c(config, tmp_path):
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(config, corpus, tok, tmp_path):
     args = [sys.executable, "-m", "llamita", "pretrain", "--config", str(config), "--data", str(corpus),
-            "--tokenizer", str(tok), "--steps", "40", "--seq-len", "32", "--batch-size", "4", "--batch-tokens", "256",
+            "--tokenizer", str(tok), "--steps", "16", "--seq-len", "32", "--batch-size", "4", "--batch-tokens", "256",
             "--save-every", "5", "--lr", "3e-3", "--no-progress"]
-    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=ENV, check=True, capture_output=True)
+    run_in_process_like(args, tmp_path / "whole")
     cut = tmp_path / "cut"
     kill_at_first_checkpoint(args, cut, ENV)
     assert not (cut / "model").exists()

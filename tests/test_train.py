@@ -20,7 +20,15 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import llamita
-from helpers import FAST, kill_at_first_checkpoint, losses, tiny_base, two_processes_and_one, write_data
+from helpers import (
+    FAST,
+    kill_at_first_checkpoint,
+    losses,
+    run_in_process_like,
+    tiny_base,
+    two_processes_and_one,
+    write_data,
+)
 from llamita import cli
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write
@@ -94,16 +102,16 @@ def test_every_checkpoint_finds_its_steps_metrics_on_disk(base, data, tmp_path, 
 
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
-    args = [sys.executable, "-m", "llamita", "finetune", str(base), "--data", str(data), "--steps", "60",
+    args = [sys.executable, "-m", "llamita", "finetune", str(base), "--data", str(data), "--steps", "30",
             "--save-every", "5", "--keep-last", "2", "--lr", "1e-2", "--warmup", "3", "--batch-size", "3",
             "--grad-accum", "2", "--lora-dropout", "0.2", "--lora-targets", "q,v,down", "--no-progress"]
-    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=ENV, check=True, capture_output=True)
+    run_in_process_like(args, tmp_path / "whole")
 
     cut = tmp_path / "cut"
     kill_at_first_checkpoint(args, cut, ENV)
     assert not (cut / "adapter").exists()
     killed_at = max(int(p.name[5:]) for p in (cut / "checkpoints").glob("step-*"))
-    assert killed_at < 60
+    assert killed_at < 30
 
     subprocess.run(args + ["--out", str(cut), "--resume"], env=ENV, check=True, capture_output=True)
     assert losses(cut) == losses(tmp_path / "whole")  # exactly, step by step
@@ -111,7 +119,7 @@ def test_resume_after_sigkill_equals_uninterrupted(base, data, tmp_path):
     b = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in (cut / "checkpoints").iterdir() if not p.name.startswith(".")) == [
-        "step-50", "step-55"]
+        "step-20", "step-25"]
 
 
 @pytest.mark.slow
