@@ -23,6 +23,7 @@ import sentencepiece as spm
 from llamita.errors import LlamitaError
 from llamita.files import atomic_write, not_utf8, umask
 from llamita.formats.export import write_tokenizer_config
+from llamita.shards import corpus_files, documents
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 BYTE_PIECES = 256  # byte_fallback's <0x00>..<0xFF>
@@ -65,15 +66,9 @@ def check_corpus(files: Iterable[str | Path]) -> list[Path]:
     """The corpus files, each read through once before training starts, so that a missing file, a
     non-UTF-8 byte or a corpus with no text is named now rather than as a sentencepiece abort (or, for
     bad bytes, lines silently dropped) after minutes of loading."""
-    paths = [Path(f).expanduser() for f in files]
-    if not paths:
-        raise LlamitaError("no corpus files given")
+    paths = corpus_files(list(files))  # the same files as pretraining's: folders stand for their .txt/.jsonl
     has_text = False
     for path in paths:
-        if not path.exists():
-            raise LlamitaError(f"{path}: no such file")
-        if not path.is_file():
-            raise LlamitaError(f"{path}: not a file")
         has_text = _check_utf8(path) or has_text
     if not has_text:
         where = paths[0] if len(paths) == 1 else f"all {len(paths)} files"
@@ -107,6 +102,9 @@ def sentence_iterator(files: Iterable[Path]) -> Iterator[str]:
     """The corpus one line at a time (a leading BOM and the line ending dropped, CRLF or LF), streamed:
     sentencepiece keeps only the ``input_sentence_size`` lines it samples, not whole files."""
     for path in files:
+        if path.suffix == ".jsonl":  # a "text" per line, as pretraining reads it
+            yield from (line for text in documents(path) for line in text.splitlines() if line)
+            continue
         with path.open(encoding="utf-8-sig") as f:  # universal newlines: "\r\n" ends a line like "\n"
             for line in f:
                 if line := line.rstrip("\n"):

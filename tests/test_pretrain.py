@@ -43,7 +43,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tok(corpus, tmp_path_factory) -> Path:
-    return train_tokenizer([corpus / "a.txt"], tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)
+    return train_tokenizer([corpus], tmp_path_factory.mktemp("tok"), vocab_size=VOCAB)  # a folder: .txt and .jsonl
 
 
 @pytest.fixture(scope="module")

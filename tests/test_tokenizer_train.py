@@ -104,7 +104,7 @@ def test_cli_trains_the_same_tokenizer_and_replaces_it(trained: Path, tmp_path: 
 def bad_corpus(tmp_path: Path, case: str) -> tuple[list[str], str]:
     """CLI arguments for a bad input, and a pattern its error must match."""
     if case == "missing":
-        return [str(tmp_path / "absent.txt")], r"absent\.txt: no such file"
+        return [str(tmp_path / "absent.txt")], r"absent\.txt: no such file or folder"
     if case == "empty":
         (tmp_path / "empty.txt").write_text(" \n\n\t\n")
         return [str(tmp_path / "empty.txt")], r"empty\.txt: the corpus is empty"
