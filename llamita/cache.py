@@ -37,6 +37,9 @@ class KVCache:
         shape = (rows, attn.n_kv_heads, slots, attn.head_dim)
         self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
         self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in model.layers]
+        if w.is_cuda:  # compiled decoding's CUDA graphs write these in place (``compile_decoding``)
+            for t in self.k + self.v:
+                torch._dynamo.mark_static_address(t, guard=False)  # a new cache: no recompile
         self.row_ids = torch.arange(rows, device=w.device)
         self.held: list[list[int]] = [[] for _ in range(rows)]
 

@@ -67,9 +67,12 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, H + Hkv :].transpose(1, 2)
         if kv is not None:
             k, v = kv(self.index, k, v)
-        # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=Hkv != H)
+        # Grouped-query attention: each kv head serves n_heads / n_kv_heads query heads. With a mask,
+        # CUDA's fused kernels take no enable_gqa (SDPA would fall back to its [B, H, T, S] math kernel).
+        gqa = Hkv != H
+        if gqa and mask is not None and q.is_cuda:
+            k, v, gqa = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -10,6 +10,8 @@ to the codes. (The paper's double quantization of the absmax would save another 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +25,12 @@ NF4_LEVELS = torch.tensor([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
+
+
+@functools.cache
+def levels_on(device: torch.device) -> Tensor:
+    """The levels where the codes are, copied there once (not at every layer's every forward)."""
+    return NF4_LEVELS.to(device)
 
 
 def nf4_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -39,7 +47,7 @@ def nf4_quantize(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def nf4_dequantize(packed: Tensor, absmax: Tensor, shape: torch.Size, dtype: torch.dtype) -> Tensor:
     codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(-1, BLOCK).long()
-    values = NF4_LEVELS.to(packed.device)[codes] * absmax[:, None]
+    values = levels_on(packed.device)[codes] * absmax[:, None]
     return values.reshape(shape).to(dtype)
 
 

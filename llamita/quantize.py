@@ -176,11 +176,14 @@ class QuantLinear(nn.Module):
         self.kernel = not q.codes.is_cuda and kernels.available()
         if self.tinygemm:
             codes = q.unpacked_codes().to(torch.int32)
-            self.weight = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8),
-                                                            _inner_k_tiles(self.in_features))
+            # Buffers, not attributes: they follow .to(), and CUDA graphs read them where they are.
+            self.register_buffer("weight", torch._convert_weight_to_int4pack(
+                (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), _inner_k_tiles(self.in_features)),
+                persistent=False)
             offsets = q.offsets if q.offsets is not None else torch.zeros_like(q.scales)
             zeros = offsets.float() + 8 * q.scales.float()  # tinygemm's zero: the value of code 8
-            self.scales_and_zeros = torch.stack([q.scales.float(), zeros], -1).transpose(0, 1).bfloat16().contiguous()
+            self.register_buffer("scales_and_zeros", torch.stack([q.scales.float(), zeros], -1).transpose(0, 1)
+                                 .bfloat16().contiguous(), persistent=False)
 
     @property
     def quantized(self) -> QuantizedWeight:

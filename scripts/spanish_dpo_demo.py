@@ -17,6 +17,8 @@ in Spanish and the share that loop (``llamita eval lang``) on the held-out quest
 ``--prompts`` (out of domain), the loss of the held-out Spanish answers, the reward accuracy on
 held-out pairs (DPO's eval), and three example replies; ``results.json``, ``stages.png`` and each
 run's ``loss.png`` go to ``--out``. A full run takes hours on 2 cores: run by hand, not a test.
+``results.json`` is written after each stage, and a rerun with the same settings starts after the
+last stage it holds (with other DPO settings only, at DPO).
 """
 
 from __future__ import annotations
@@ -81,6 +83,31 @@ def score(llm_of, files: dict[str, Path], args, examples: list[str]) -> dict:
     return out
 
 
+DPO_ONLY = ("rejected", "dpo_steps", "beta", "dpo_lr")  # settings the stages before DPO do not depend on
+
+
+def finished_stages(out: Path, settings: dict) -> dict:
+    """The stages an earlier run finished (see ``save``): all of them with the same settings, those
+    before DPO where only DPO's settings differ, else none."""
+    file = out / "results.json"
+    if not file.exists():
+        return {}
+    results = json.loads(file.read_text(encoding="utf-8"))
+    before = {k: v for k, v in results.get("settings", {}).items() if k not in DPO_ONLY}
+    if results.get("settings") == settings:
+        return results
+    if before == {k: v for k, v in settings.items() if k not in DPO_ONLY}:
+        return {k: v for k, v in results.items() if k in ("before SFT", "after SFT")} | {"settings": settings}
+    return {}
+
+
+def save(out: Path, results: dict) -> None:
+    from llamita.files import atomic_write
+
+    text = json.dumps(results, ensure_ascii=False, indent=2) + "\n"
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def plot(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -112,6 +139,7 @@ def main() -> None:
     p.add_argument("--sft-steps", type=int, default=300)
     p.add_argument("--dpo-steps", type=int, default=200)
     p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--dpo-lr", type=float, default=5e-5)
     p.add_argument("--max-length", type=int, default=384)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="prompts scored per file (default: all)")
@@ -134,39 +162,45 @@ def main() -> None:
     files = {"heldout": held_sft, "vicuna80_es": Path(args.prompts)}
     examples = [r["instruction_es"] for r in held[:3]]
     source = args.model or DEFAULT_MODEL_NAME
-    results: dict = {}
-
-    results["before SFT"] = score(lambda: llamita.LLM.load(args.model, quantize="none"), files, args, examples)
-    results["before SFT"]["heldout_loss"] = heldout_loss(source, None, held_sft, args.max_length)
-
-    sft_adapter = llamita.finetune(args.model, sft, out / "sft", template="auto", steps=args.sft_steps,
-                                   lora_targets="all", lr=2e-4, batch_size=4, max_length=args.max_length,
-                                   warmup=min(20, args.sft_steps // 10), eval_data=str(held_sft),
-                                   eval_every=max(1, args.sft_steps // 5), overwrite=True)
+    settings = {**vars(args), "train_questions": len(train), "heldout_questions": len(held)}
+    results = finished_stages(out, settings) or {"settings": settings}
     merged = out / "sft_model"
-    merge(source, sft_adapter, merged)
-    results["after SFT"] = score(lambda: llamita.LLM.load(merged, quantize="none", template="auto"), files, args,
-                                 examples)
-    results["after SFT"]["heldout_loss"] = heldout_loss(merged, None, held_sft, args.max_length)
 
-    own = own_rejections(llamita.LLM.load(merged, quantize="none", template="auto"), train, args.max_new_tokens) \
-        if args.rejected == "own" else [None] * len(train)
-    pairs = write_jsonl(out / "pairs.jsonl", [
-        {"prompt": r["instruction_es"], "chosen": r["output_es"], "rejected": mine or r["output_en"]}
-        for r, mine in zip(train, own)])
-    dpo_adapter = llamita.finetune(merged, pairs, out / "dpo", objective="dpo", beta=args.beta, template="auto",
-                                   steps=args.dpo_steps, lora_targets="all", lr=5e-5, batch_size=2, grad_accum=2,
-                                   max_length=args.max_length, warmup=min(10, args.dpo_steps // 10),
-                                   eval_data=str(held_pairs), eval_every=max(1, args.dpo_steps // 5), overwrite=True)
-    results["after DPO"] = score(lambda: llamita.LLM.load(merged, adapter=dpo_adapter, quantize="none"), files, args,
-                                 examples)
-    results["after DPO"]["heldout_loss"] = heldout_loss(merged, dpo_adapter, held_sft, args.max_length)
-    dpo_rows = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
-    results["after DPO"]["reward_accuracy"] = [r for r in dpo_rows if "eval_rewards/accuracies" in r][-1][
-        "eval_rewards/accuracies"]
-    results["settings"] = {**vars(args), "train_questions": len(train), "heldout_questions": len(held),
-                           "own_rejected": sum(x is not None for x in own)}
-    (out / "results.json").write_text(json.dumps(results, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    if "before SFT" not in results:
+        results["before SFT"] = score(lambda: llamita.LLM.load(args.model, quantize="none"), files, args, examples)
+        results["before SFT"]["heldout_loss"] = heldout_loss(source, None, held_sft, args.max_length)
+        save(out, results)
+
+    if "after SFT" not in results:
+        sft_adapter = llamita.finetune(args.model, sft, out / "sft", template="auto", steps=args.sft_steps,
+                                       lora_targets="all", lr=2e-4, batch_size=4, max_length=args.max_length,
+                                       warmup=min(20, args.sft_steps // 10), eval_data=str(held_sft),
+                                       eval_every=max(1, args.sft_steps // 5), overwrite=True)
+        merge(source, sft_adapter, merged)
+        results["after SFT"] = score(lambda: llamita.LLM.load(merged, quantize="none", template="auto"), files,
+                                     args, examples)
+        results["after SFT"]["heldout_loss"] = heldout_loss(merged, None, held_sft, args.max_length)
+        save(out, results)
+
+    if "after DPO" not in results:
+        own = own_rejections(llamita.LLM.load(merged, quantize="none", template="auto"), train,
+                             args.max_new_tokens) if args.rejected == "own" else [None] * len(train)
+        pairs = write_jsonl(out / "pairs.jsonl", [
+            {"prompt": r["instruction_es"], "chosen": r["output_es"], "rejected": mine or r["output_en"]}
+            for r, mine in zip(train, own)])
+        dpo_adapter = llamita.finetune(merged, pairs, out / "dpo", objective="dpo", beta=args.beta,
+                                       template="auto", steps=args.dpo_steps, lora_targets="all", lr=args.dpo_lr,
+                                       batch_size=2, grad_accum=2, max_length=args.max_length,
+                                       warmup=min(10, args.dpo_steps // 10), eval_data=str(held_pairs),
+                                       eval_every=max(1, args.dpo_steps // 2), overwrite=True)
+        results["after DPO"] = score(lambda: llamita.LLM.load(merged, adapter=dpo_adapter, quantize="none"), files,
+                                     args, examples)
+        results["after DPO"]["heldout_loss"] = heldout_loss(merged, dpo_adapter, held_sft, args.max_length)
+        dpo_rows = [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines()]
+        results["after DPO"]["reward_accuracy"] = [r for r in dpo_rows if "eval_rewards/accuracies" in r][-1][
+            "eval_rewards/accuracies"]
+        results["after DPO"]["own_rejected"] = sum(x is not None for x in own)
+        save(out, results)
     plot(results, out)
 
     print("| | Spanish (held-out) | looping (held-out) | Spanish (vicuna80_es) | looping (vicuna80_es) | "

@@ -112,6 +112,7 @@ def test_kernel_reads_k_quant_blocks_as_stored(qtype, rows):
     torch.testing.assert_close(layer(x), x @ w.T, atol=1e-4 * ref.abs().max().item(), rtol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's tinygemm path needs a GPU")
 def test_cuda_int4_matches_its_weights():
     device = "cuda"

@@ -25,7 +25,7 @@ def _nibbles(qs: Tensor) -> Tensor:
 
 def _high_bits(qh: Tensor, count: int) -> Tensor:
     """Bit j of a little-endian bit field [..., bytes] for j < count."""
-    bits = qh[..., :, None] >> torch.arange(8, dtype=torch.uint8)
+    bits = qh[..., :, None] >> torch.arange(8, dtype=torch.uint8, device=qh.device)
     return (bits & 1).flatten(-2)[..., :count]
 
 
@@ -78,7 +78,8 @@ def _q4_k(b):
 
 def _q5_k(b):
     low = _nibbles(b[..., 48:176].unflatten(-1, (4, 32))).flatten(-2)
-    high = (b[..., 16:48][..., None, :] >> torch.arange(8, dtype=torch.uint8)[:, None]) & 1  # group g: bit g
+    shifts = torch.arange(8, dtype=torch.uint8, device=b.device)[:, None]
+    high = (b[..., 16:48][..., None, :] >> shifts) & 1  # group g: bit g
     return (*_k_affine(b, (low | high.flatten(-2) << 4).to(torch.int8)), 8, 32)
 
 
@@ -86,7 +87,8 @@ def _q6_k(b):
     # two halves of 128 weights: 64 bytes of low nibbles (weights 0..63, then 64..127) and 32 bytes of
     # 2-bit high parts (weights 0..31, 32..63, 64..95, 96..127 at shifts 0, 2, 4, 6); 16 groups of 16.
     ql = _nibbles(b[..., 0:128].unflatten(-1, (2, 64)))
-    qh = (b[..., 128:192].unflatten(-1, (2, 1, 32)) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)[:, None]) & 3
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=b.device)[:, None]
+    qh = (b[..., 128:192].unflatten(-1, (2, 1, 32)) >> shifts) & 3
     q = (ql | qh.flatten(-2) << 4).flatten(-2).to(torch.int8) - 32
     return q, _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(torch.int8).float(), None, 8, 16
 

@@ -333,10 +333,10 @@ class Engine:
         self.metrics.prompt_tokens_copied += copied
         for row, job in admitted:  # until it is done, a row holds (at least) its prompt: a source to copy
             self.cache.held[row] = job.request.prompt_ids
+        self._sample(admitted, logits)  # the first tokens (on CUDA, once the prefill has really run)
         now = time.perf_counter()
         for _, job in admitted:
             self.metrics.observe_ttft(now - job.stream.created)
-        self._sample(admitted, logits)
 
     @staticmethod
     def _worth_waiting(request: Request, admitted: list[Job], cached: int) -> bool:
