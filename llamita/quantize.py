@@ -172,7 +172,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", q.codes)
         self.register_buffer("scales", None if q.scales is None else q.scales.half())  # k-quants' products round here
         self.register_buffer("offsets", None if q.offsets is None else q.offsets.half())
-        self.tinygemm = q.codes.is_cuda and q.bits == 4
+        # tinygemm's tiles: output features in eights, input features in 32s; other shapes take the plain path
+        self.tinygemm = q.codes.is_cuda and q.bits == 4 and self.out_features % 8 == 0 and self.in_features % 32 == 0
         self.kernel = not q.codes.is_cuda and kernels.available()
         if self.tinygemm:
             codes = q.unpacked_codes().to(torch.int32)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import llamita
-from helpers import FAST, random_tokens, running_server, tiny_base, tiny_hf, write_data
+from helpers import FAST, random_tokens, running_server, tiny_base, write_data
 from llamita.config import Config
 from llamita.model import Llama
 
@@ -35,21 +35,23 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
-    """A tiny HF Llama wide enough for tinygemm's int4 tiles (in-features a multiple of 256)."""
-    path = tmp_path_factory.mktemp("wide")
-    tiny_hf(3, hidden_size=256, num_attention_heads=8, num_key_value_heads=4, intermediate_size=512,
-            max_position_embeddings=128).save_pretrained(path)
-    return path
+    """A tiny HF Llama (with a tokenizer) wide enough for tinygemm's int4 tiles."""
+    return tiny_base(tmp_path_factory.mktemp("wide"), seed=3, hidden_size=256, num_attention_heads=8,
+                     num_key_value_heads=4, intermediate_size=512)
+
+
+def ids_for(path) -> torch.Tensor:
+    return random_tokens(json.loads((path / "config.json").read_text())["vocab_size"]).cuda()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_logits_are_as_close_to_float32_as_transformers(wide, dtype):
     from transformers import LlamaForCausalLM
 
-    ids = random_tokens(211).cuda()
+    ids = ids_for(wide)
     with torch.no_grad():
-        exact = LlamaForCausalLM.from_pretrained(wide, torch_dtype=torch.float32).cuda()(ids).logits
-        theirs = LlamaForCausalLM.from_pretrained(wide, torch_dtype=dtype).cuda()(ids).logits.float()
+        exact = LlamaForCausalLM.from_pretrained(wide, dtype=torch.float32).cuda()(ids).logits
+        theirs = LlamaForCausalLM.from_pretrained(wide, dtype=dtype).cuda()(ids).logits.float()
         ours = llamita.load_model(wide, dtype=dtype, device="cuda")(ids).float()
     err_theirs = (theirs - exact).abs().max().item()
     err_ours = (ours - exact).abs().max().item()
@@ -57,7 +59,7 @@ def test_16_bit_logits_are_as_close_to_float32_as_transformers(wide, dtype):
 
 
 def test_int4_model_on_cuda_tracks_the_float_model(wide):
-    ids = random_tokens(211).cuda()
+    ids = ids_for(wide)
     with torch.no_grad():
         exact = llamita.load_model(wide, dtype=torch.float32, device="cuda")(ids).float()
         int4 = llamita.load_model(wide, device="cuda", quantize="int4")(ids).float()
@@ -82,14 +84,17 @@ def losses(out) -> list[float]:
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_lora_and_qlora_train_on_cuda(base, tmp_path, method):
-    """The first loss (adapters start at zero: the base model's) equals the CPU's in float32; the
-    adapters' random init and dropout masks come from each device's own generator, so later steps
-    differ, and must still learn; bfloat16 autocast (CUDA's default) learns too."""
+    """The first loss (adapters start at zero: the base model's) equals the CPU's in float32 (QLoRA's
+    base too, instead of its default bfloat16); the adapters' random init and dropout masks come from
+    each device's own generator, so later steps differ, and must still learn (every step sees all 12
+    records); bfloat16 autocast (CUDA's default) learns too."""
     data = write_data(tmp_path / "data.jsonl")
     runs = {}
-    for name, device, precision in [("cpu", "cpu", "fp32"), ("cuda", "cuda", "fp32"), ("bf16", "cuda", "auto")]:
+    options = {**FAST, "batch_size": 12}
+    for name, device, precision, dtype in [("cpu", "cpu", "fp32", "float32"), ("cuda", "cuda", "fp32", "float32"),
+                                           ("bf16", "cuda", "auto", None)]:
         llamita.finetune(base, data, tmp_path / name, method=method, steps=6, device=device, precision=precision,
-                         **FAST)
+                         dtype=dtype, **options)
         runs[name] = losses(tmp_path / name)
     assert runs["cuda"][0] == pytest.approx(runs["cpu"][0], rel=1e-4)
     assert runs["bf16"][0] == pytest.approx(runs["cpu"][0], rel=2e-2)
