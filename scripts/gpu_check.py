@@ -61,8 +61,11 @@ def prepare() -> None:
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in MISSING_THERE]
     WHEELS.mkdir(parents=True, exist_ok=True)
     platforms = [f"--platform=manylinux_2_{minor}_x86_64" for minor in (35, 34, 31, 28, 17)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version=3.12",
-                    "--implementation=cp", *platforms, "--platform=any", "-d", str(WHEELS), *pins], check=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--implementation=cp",
+                           "--python-version=3.12", *platforms, "--platform=any", "-d", str(WHEELS), *pins])
+    if done.returncode:
+        raise SystemExit(f"gpu_check --prepare: pip download failed (exit {done.returncode}; the registry "
+                         "unreachable?): see pip's message above")
     for wheel in WHEELS.glob("numpy-*.whl"):  # the image has numpy 2.5 (16 MB less to carry)
         wheel.unlink()
     size = sum(f.stat().st_size for f in WHEELS.iterdir()) / 2**20
@@ -83,9 +86,10 @@ class Record:
         self.save()
 
     def save(self) -> None:
-        tmp = self.file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
-        tmp.replace(self.file)
+        from llamita.files import atomic_write
+
+        text = json.dumps(self.data, indent=2) + "\n"
+        atomic_write(self.file, lambda tmp: tmp.write_text(text))
 
 
 def device_and_dtype(dry: bool):
@@ -173,17 +177,25 @@ def decode_rate(model, forward, device, prompt: int, new: int) -> float:
         ids = torch.randint(0, vocab, (1, prompt), device=device)
         token = int(model(ids, positions, kv=cache.sequence_step(positions, prompt))[0, -1].argmax())
         position = prompt
-        for _ in range(8):  # warm-up (and, compiled, the capture of the graph)
-            token = int(decode_step(model, cache, [token], [position], forward)[0].argmax())
-            position += 1
 
-        def run() -> None:
+        def run(steps: int) -> None:
             nonlocal token, position
-            for _ in range(new):
+            for _ in range(steps):
                 token = int(decode_step(model, cache, [token], [position], forward)[0].argmax())
                 position += 1
 
-        return new / timed(run, device)
+        run(8)  # warm-up (and, compiled, the capture of the graph)
+        return new / timed(lambda: run(new), device)
+
+
+def model_and_limit(dry: bool, r: Record):
+    """The bfloat16 model, the copy rate, and the decode rate that rate allows it (recorded in ``r``)."""
+    model = random_model(dry)
+    bandwidth, r["weight_bytes"] = copy_bandwidth(model.norm.weight.device), weight_bytes(model)
+    r["bandwidth_GBps"] = round(bandwidth / 1e9, 1)
+    limit = bandwidth / r.data["weight_bytes"]
+    r["bf16_limit_tok_s"] = round(limit, 1)
+    return model, bandwidth, limit
 
 
 def step_decode(out: Path, dry: bool) -> None:
@@ -194,12 +206,8 @@ def step_decode(out: Path, dry: bool) -> None:
     r = Record(out, "decode")
     device, _ = device_and_dtype(dry)
     prompt, new, long_prompt = (16, 8, 64) if dry else (128, 128, 2048)
-    model = random_model(dry)
+    model, bandwidth, limit = model_and_limit(dry, r)
     r["parameters"] = sum(p.numel() for p in model.parameters())
-    bandwidth, r["weight_bytes"] = copy_bandwidth(device), weight_bytes(model)
-    r["bandwidth_GBps"] = round(bandwidth / 1e9, 1)
-    limit = bandwidth / r.data["weight_bytes"]
-    r["bf16_limit_tok_s"] = round(limit, 1)
     rate = decode_rate(model, None, device, prompt, new)
     r["bf16_eager_tok_s"] = round(rate, 1)
     r["bf16_eager_share_of_limit"] = round(rate / limit, 3)
@@ -227,9 +235,7 @@ def step_compile(out: Path, dry: bool) -> None:
     r = Record(out, "compile")
     device, _ = device_and_dtype(dry)
     prompt, new = (16, 8) if dry else (128, 128)
-    model = random_model(dry)
-    limit = copy_bandwidth(device) / weight_bytes(model)
-    r["bf16_limit_tok_s"] = round(limit, 1)
+    model, _, limit = model_and_limit(dry, r)
     start = time.perf_counter()
     rate = decode_rate(model, compile_decoding(model), device, prompt, new)
     r["compile_s"] = round(time.perf_counter() - start - new / rate, 1)
@@ -279,18 +285,17 @@ def step_train(out: Path, dry: bool) -> None:
 
     from llamita.nf4 import quantize_nf4
 
+    def free_memory() -> None:  # the last model's, and the float weights NF4 replaced
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     r = Record(out, "train")
-    device, _ = device_and_dtype(dry)
     r["batch"] = "2 x 32" if dry else "4 x 1024"
     train_rate(random_model(dry), dry, r, "lora")
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    model = random_model(dry)
-    quantize_nf4(model)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory()
+    model = quantize_nf4(random_model(dry))
+    free_memory()
     train_rate(model, dry, r, "qlora")
     r["status"] = "ok"
 
@@ -471,8 +476,7 @@ def main() -> None:
     if args.prepare:
         return prepare()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.step:
-        sys.path.insert(0, str(ROOT))
+    if args.step:  # llamita importable through run_all's PYTHONPATH
         return STEP_FUNCTIONS[args.step](args.out, args.dry_run)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]
     if unknown := [s for s in steps if s not in STEPS]:

@@ -220,4 +220,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from llamita.errors import LlamitaError
+
+    try:
+        main()
+    except LlamitaError as e:  # bad input (a missing file, a bad record): one line, as the CLI says it
+        raise SystemExit(f"spanish_dpo_demo: error: {e}") from None
